@@ -140,7 +140,8 @@ def cmd_demo(a) -> int:
     for fmt in ("simple", "fuyu"):
         idx_dir = os.path.join(out, f"index-{fmt}")
         meta = prepare(os.path.join(out, "data", "data.yaml"), os.path.join(out, "data", "tokenizer"), idx_dir,
-                       PrepareOptions(format=fmt, max_seq_len=a.max_seq_len, with_task_description=True))
+                       PrepareOptions(format=fmt, max_seq_len=a.max_seq_len, with_task_description=True,
+                                                      video_frames=8))
         print(f"[demo] prepare --format {fmt}:")
         _print_summary(meta, idx_dir)
         idx = PreparedIndex(idx_dir)
@@ -181,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     x = dsub.add_parser("demo", help="build the demo dataset and tokenizer from photos in installed packages")
     x.add_argument("out")
     x.add_argument("--seed", type=int, default=0)
-    x.add_argument("--scale", type=int, default=1, help="multiply the number of samples")
+    x.add_argument("--scale", type=float, default=1.0, help="multiply the number of samples")
     x.set_defaults(func=cmd_data_demo)
 
     x = dsub.add_parser("validate", help="run every data check on a dataset YAML and report")

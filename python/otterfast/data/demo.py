@@ -114,11 +114,14 @@ def _encode(img: Image.Image, rng: np.random.Generator) -> bytes:
 
 
 class DemoBuilder:
-    def __init__(self, out: str, seed: int = 0, scale: int = 1):
+    def __init__(self, out: str, seed: int = 0, scale: float = 1.0):
         self.out = os.path.abspath(out)
         self.rng = np.random.default_rng(seed)
         self.scale = scale
         self.photos = [(n, Image.open(_package_file(f)).convert("RGB"), d) for n, f, d in PHOTOS]
+
+    def _n(self, n: int) -> int:
+        return max(4, int(round(n * self.scale)))
 
     def crop(self, idx: int | None = None) -> Crop:
         rng = self.rng
@@ -150,11 +153,11 @@ class DemoBuilder:
         os.makedirs(self.out, exist_ok=True)
         texts: list[str] = []
         counts = {}
-        counts["DEMO_IMG"] = self._image_text("DEMO_IMG", 240 * self.scale, "parquet", texts)
-        counts["DEMO_LEGACY"] = self._image_text("DEMO_LEGACY", 40 * self.scale, "json", texts)
-        counts["DEMO_ICL"] = self._in_context("DEMO_ICL", 120 * self.scale, texts)
-        counts["DEMO_PAN"] = self._video("DEMO_PAN", 40 * self.scale, texts)
-        counts["DEMO_TXT"] = self._text_only("DEMO_TXT", 150 * self.scale, texts)
+        counts["DEMO_IMG"] = self._image_text("DEMO_IMG", self._n(240), "parquet", texts)
+        counts["DEMO_LEGACY"] = self._image_text("DEMO_LEGACY", self._n(40), "json", texts)
+        counts["DEMO_ICL"] = self._in_context("DEMO_ICL", self._n(120), texts)
+        counts["DEMO_PAN"] = self._video("DEMO_PAN", self._n(40), texts)
+        counts["DEMO_TXT"] = self._text_only("DEMO_TXT", self._n(150), texts)
         self._write_yaml()
         build_demo_tokenizer(texts, os.path.join(self.out, "tokenizer"))
         return counts
@@ -351,5 +354,5 @@ def build_demo_tokenizer(texts: list[str], out_dir: str, vocab_size: int = 2048)
     return fast
 
 
-def build_demo(out: str, seed: int = 0, scale: int = 1) -> dict:
+def build_demo(out: str, seed: int = 0, scale: float = 1.0) -> dict:
     return DemoBuilder(out, seed, scale).build()

@@ -292,7 +292,7 @@ def _apply_probe(rows, ris, arr: pa.Array, is_b64, src: ImageSource, native, opt
     bufs = arr.buffers()
     offsets = np.frombuffer(bufs[1], dtype=np.int64 if large else np.int32)[arr.offset : arr.offset + len(arr) + 1]
     data = bufs[2] if bufs[2] is not None else pa.py_buffer(b"")
-    probed = native.probe_images(memoryview(data), np.ascontiguousarray(offsets, dtype=np.int64), is_b64)
+    probed = native.probe_images(memoryview(data).cast("B"), np.ascontiguousarray(offsets, dtype=np.int64), is_b64)
     for ri, isnull, (code, w, h, fmt, n, msg) in zip(ris, nulls, probed):
         r = rows[ri]
         path = src.files[r["ref"].file]
