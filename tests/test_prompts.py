@@ -115,3 +115,28 @@ def test_idefics_labels(demo_tok_dir):
 def test_unknown_format():
     with pytest.raises(ValueError, match="unknown prompt format"):
         render("vicuna", [Turn("Q", "A", False)])
+
+
+def _sentencepiece_style_tokenizer(path):
+    """A LLaMA-like tokenizer (Metaspace pre-tokenizer, <s>/</s>), without Otter's special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    t = Tokenizer(models.BPE(unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Metaspace()
+    t.decoder = decoders.Metaspace()
+    corpus = ["What is 3 plus 4? 3 plus 4 is 7.", "And 5 plus 5? It is 10.", "Spell cat backwards. tac",
+              "User: GPT: [INST] [/INST]"] * 20
+    t.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"]))
+    PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("fmt", ["simple", "llama2"])
+def test_labels_equal_otter_rule_sentencepiece_style(tmp_path, fmt):
+    t, info = load_tokenizer(_sentencepiece_style_tokenizer(tmp_path), fmt)
+    assert "<answer>" in info.added_tokens and "<PAD>" in info.added_tokens
+    turns = [Turn("What is 3 plus 4?", "3 plus 4 is 7.", True), Turn("Spell cat backwards.", "tac", False)]
+    out = tokenize_rendered(t, info, render(fmt, turns))
+    assert labels_from_spans(out.input_ids, out.label_spans) == otter_masking(out.input_ids, info)
+    assert out.input_ids[out.media_pos[0]] == info.media_id
