@@ -132,7 +132,7 @@ def scan_ids(src: ImageSource) -> Iterator[tuple[str, ImageRef]]:
         yield from _scan_json(src)
         return
     for fi, f in enumerate(src.files):
-        pf = pq.ParquetFile(f)
+        pf = open_parquet(f)
         for rg in range(pf.num_row_groups):
             col = pf.read_row_group(rg, columns=[src.id_column]).column(0)
             for row, v in enumerate(col.to_pylist()):
@@ -188,6 +188,15 @@ def read_json_blob(src: ImageSource, ref: ImageRef) -> bytes:
         return _json_value(f.read(ref.byte_length), src.json_escaped)
 
 
+# Read column chunks through a buffered stream: without it pyarrow reads a whole column chunk at once, and
+# pandas' to_parquet writes one row group per file for typical MIMIC-IT sizes (so: the whole image column).
+PARQUET_BUFFER = 4 << 20
+
+
+def open_parquet(path: str) -> pq.ParquetFile:
+    return pq.ParquetFile(path, buffer_size=PARQUET_BUFFER)
+
+
 def iter_parquet_blobs(
     src: ImageSource, file: int, row_group: int, rows: list[int], batch_size: int = 256
 ) -> Iterator[tuple[list[int], pa.Array]]:
@@ -195,7 +204,7 @@ def iter_parquet_blobs(
 
     Memory is bounded by one batch of the row group, not by the table.
     """
-    pf = pq.ParquetFile(src.files[file])
+    pf = open_parquet(src.files[file])
     want = iter(rows)
     nxt = next(want, None)
     start = 0
@@ -234,7 +243,7 @@ class BlobReader:
         if self._cached_key != key:
             fk = (source, ref.file)
             if fk not in self._files:
-                self._files[fk] = pq.ParquetFile(src.files[ref.file])
+                self._files[fk] = open_parquet(src.files[ref.file])
             tbl = self._files[fk].read_row_group(ref.row_group, columns=[src.image_column])
             self._cached_col = tbl.column(0).combine_chunks()
             self._cached_key = key
