@@ -26,7 +26,7 @@ import time
 import numpy as np
 
 
-def make_dataset(root: str, n: int, side: int) -> str:
+def make_dataset(root: str, n: int, side: int, layout: str = "dictionary") -> str:
     import pandas as pd
     from PIL import Image
 
@@ -38,7 +38,17 @@ def make_dataset(root: str, n: int, side: int) -> str:
         img.save(buf, "JPEG", quality=90)
         ids.append(f"B_IMG_{i:06d}")
         b64.append(base64.b64encode(buf.getvalue()).decode())
-    pd.DataFrame({"base64": b64}, index=pd.Index(ids)).to_parquet(os.path.join(root, "B.parquet"))
+    df = pd.DataFrame({"base64": b64}, index=pd.Index(ids))
+    if layout == "dictionary":  # pandas' default: the whole column lands in ONE dictionary page (unique strings)
+        df.to_parquet(os.path.join(root, "B.parquet"))
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        # "plain": no dictionary, but the writer checks page size every 1024 rows, so still one page;
+        # "paged": page size checked every 8 rows, so ~1 MiB pages.
+        pq.write_table(pa.Table.from_pandas(df), os.path.join(root, "B.parquet"), use_dictionary=False,
+                       write_batch_size=1024 if layout == "plain" else 8)
     data = {f"B_INS_{i:06d}": {"instruction": "What is this?", "answer": "Noise.", "image_ids": [ids[i]],
                                "rel_ins_ids": []} for i in range(n)}
     with open(os.path.join(root, "B_instructions.json"), "w") as f:
@@ -48,30 +58,46 @@ def make_dataset(root: str, n: int, side: int) -> str:
     return os.path.join(root, "data.yaml")
 
 
-CHILD_OTTERFAST = """
+# VmHWM, not ru_maxrss: ru_maxrss survives exec, so a child would report its parent's peak.
+HWM = """
+def hwm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+"""
+
+CHILD_OTTERFAST = HWM + """
 import resource, sys, time
 from otterfast.data.prepare import PrepareOptions, prepare
 t = time.perf_counter()
 prepare(sys.argv[1], sys.argv[2], sys.argv[3], PrepareOptions())
-print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(time.perf_counter() - t, hwm())
 """
 
-CHILD_OTTER_STYLE = """
+CHILD_OTTER_STYLE = HWM + """
 import resource, sys, time
 import pandas as pd, pyarrow.parquet as pq
 t = time.perf_counter()
 pf = pq.ParquetFile(sys.argv[1])
 df = pd.concat([b.to_pandas() for b in pf.iter_batches(batch_size=1000)])  # Otter's MimicitDataset.__init__
-print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(time.perf_counter() - t, hwm())
 """
 
-CHILD_BASELINE = """
+CHILD_BASELINE = HWM + """
 import resource, sys, time
 t = time.perf_counter()
-from otterfast.data.prepare import PrepareOptions, prepare  # imports only: the floor of the process
-import transformers, pyarrow, numpy
-print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+from otterfast.data.prepare import PrepareOptions, prepare  # imports + tokenizer: the floor of the process
+from otterfast.data.tokenizer import load_tokenizer
+load_tokenizer(sys.argv[1], "simple")
+print(time.perf_counter() - t, hwm())
 """
+
+
+LAYOUTS = {
+    "dictionary": "pandas default: one dictionary page",
+    "plain": "use_dictionary=False: one data page",
+    "paged": "use_dictionary=False, write_batch_size=8: 1 MiB pages",
+}
 
 
 def run(code: str, *args: str) -> tuple[float, float]:
@@ -87,21 +113,26 @@ def main() -> None:
     a = ap.parse_args()
     from otterfast.data.demo import build_demo_tokenizer
 
-    with tempfile.TemporaryDirectory() as root:
-        y = make_dataset(root, a.images, a.side)
-        tok = os.path.join(root, "tok")
-        build_demo_tokenizer(["What is this? Noise."] * 10, tok, vocab_size=300)
-        table_mb = os.path.getsize(os.path.join(root, "B.parquet")) / 2**20
-        base = run(CHILD_BASELINE)
-        ours = run(CHILD_OTTERFAST, y, tok, os.path.join(root, "idx"))
-        otter = run(CHILD_OTTER_STYLE, os.path.join(root, "B.parquet"))
+    layouts = {}
+    for layout in ("dictionary", "plain", "paged"):
+        with tempfile.TemporaryDirectory() as root:
+            y = make_dataset(root, a.images, a.side, layout)
+            tok = os.path.join(root, "tok")
+            build_demo_tokenizer(["What is this? Noise."] * 10, tok, vocab_size=300)
+            table_mb = os.path.getsize(os.path.join(root, "B.parquet")) / 2**20
+            base = run(CHILD_BASELINE, tok)
+            ours = run(CHILD_OTTERFAST, y, tok, os.path.join(root, "idx"))
+            otter = run(CHILD_OTTER_STYLE, os.path.join(root, "B.parquet"))
+        layouts[LAYOUTS[layout]] = (table_mb, ours, otter)
     res = {
         "images": a.images, "image_size": f"{a.side}x{a.side * 3 // 4} JPEG q90 (noise)",
-        "table_mib": round(table_mb, 1),
         "process_floor_peak_rss_mib": round(base[1], 1),
-        "otterfast_prepare": {"seconds": round(ours[0], 2), "peak_rss_mib": round(ours[1], 1),
-                              "images_per_s": round(a.images / ours[0], 1)},
-        "otter_style_read": {"seconds": round(otter[0], 2), "peak_rss_mib": round(otter[1], 1)},
+        "layouts": {
+            name: {"table_mib": round(t, 1),
+                   "otterfast_prepare": {"seconds": round(o[0], 2), "peak_rss_mib": round(o[1], 1),
+                                         "images_per_s": round(a.images / o[0], 1)},
+                   "otter_style_read": {"seconds": round(r[0], 2), "peak_rss_mib": round(r[1], 1)}}
+            for name, (t, o, r) in layouts.items()},
         "env": {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count()},
         "date": time.strftime("%Y-%m-%d"),
     }
@@ -109,11 +140,14 @@ def main() -> None:
     with open("benches/results/prepare_memory.json", "w") as f:
         json.dump(res, f, indent=1)
     md = (f"# prepare memory ({res['date']}, {res['env']['cpus']} CPUs, Python {res['env']['python']})\n\n"
-          f"Image table: {a.images} images, {res['image_size']}, {res['table_mib']} MiB parquet (one row group).\n\n"
-          "| run | seconds | peak RSS MiB | peak above the import floor MiB |\n|---|---|---|---|\n"
-          f"| imports only (floor) | {base[0]:.2f} | {base[1]:.0f} | 0 |\n"
-          f"| otterfast data prepare (index + headers) | {ours[0]:.2f} | {ours[1]:.0f} | {ours[1] - base[1]:.0f} |\n"
-          f"| Otter's read (iter_batches -> pandas -> concat), no decode | {otter[0]:.2f} | {otter[1]:.0f} | - |\n")
+          f"Image table: {a.images} images, {res['image_size']}, one row group, written two ways.\n"
+          f"Floor of the process (imports incl. torch via transformers, tokenizer loaded): {base[1]:.0f} MiB peak RSS.\n"
+          "Peak memory of prepare above that floor is about 2x the largest page of the image column (compressed +\n"
+          "decompressed): for tables written with pandas/dask defaults the whole row group's column is one page.\n\n"
+          "| table layout | table MiB | run | seconds | peak RSS MiB |\n|---|---|---|---|---|\n")
+    for name, (t, o, r) in layouts.items():
+        md += f"| {name} | {t:.0f} | otterfast data prepare (index + headers) | {o[0]:.2f} | {o[1]:.0f} |\n"
+        md += f"| {name} | {t:.0f} | Otter's read (iter_batches -> pandas -> concat, no decode) | {r[0]:.2f} | {r[1]:.0f} |\n"
     with open("benches/results/prepare_memory.md", "w") as f:
         f.write(md)
     print(md)

@@ -87,3 +87,28 @@ def test_fuzz_mutated_images_never_panic(seed, flips, cut):
 def test_fuzz_random_bytes_never_panic(blob, is_b64):
     (row,) = probe([blob], is_b64)
     assert row[0] in ("", "not_an_image", "bad_header", "bad_base64")
+
+
+def test_probe_parquet_rows_streams_selected_rows_and_nulls(tmp_path):
+    import pyarrow.parquet as pq
+
+    blobs = [encode_image(3 + i, 2 + i % 3, "PNG", seed=i) for i in range(50)]
+    col = [base64.b64encode(b).decode() for b in blobs]
+    col[7] = None
+    p = str(tmp_path / "t.parquet")
+    pq.write_table(pa.table({"id": [str(i) for i in range(50)], "base64": col}), p, row_group_size=20)
+    rows = [0, 3, 7, 19]
+    got = _native.probe_parquet_rows(p, "base64", 0, rows, True)
+    assert [g[0] for g in got] == ["", "", "null_image", ""]
+    for r, g in zip(rows, got):
+        if r != 7:
+            assert g[1:3] == Image.open(io.BytesIO(blobs[r])).size
+    got = _native.probe_parquet_rows(p, "base64", 2, [9], True)  # last row group: rows 40..49
+    assert got[0][1:3] == Image.open(io.BytesIO(blobs[49])).size
+    assert _native.probe_parquet_rows(p, "base64", 1, [], True) == []
+    with pytest.raises(ValueError, match="t.parquet: row 20 out of range"):
+        _native.probe_parquet_rows(p, "base64", 0, [20], True)
+    with pytest.raises(ValueError, match="no column"):
+        _native.probe_parquet_rows(p, "nope", 0, [0], True)
+    with pytest.raises(ValueError, match="sorted"):
+        _native.probe_parquet_rows(p, "base64", 0, [3, 1], True)

@@ -18,5 +18,15 @@ def probe_images(
     Raises ValueError when the offsets do not fit the buffer.
     """
 
+def probe_parquet_rows(
+    path: str, column: str, row_group: int, rows: list[int], is_base64: bool
+) -> list[tuple[str, int, int, str, int, str]]:
+    """Probe the images at `rows` (sorted, unique, within `row_group`) of a parquet image table.
+
+    Streams the column page by page (memory: a page and 32 images), without the GIL. Rows as
+    `probe_images`, plus error_code "null_image" for a null value. ValueError naming the file on a bad path,
+    column, row group or row.
+    """
+
 def decode_base64(text: bytes) -> bytes:
     """Decode base64 in the standard or URL-safe alphabet; ValueError on bad input."""

@@ -44,7 +44,7 @@ from .mimicit import (
     merge_group_instructions,
     resample_frames,
 )
-from .sources import ImageRef, ImageSource, iter_parquet_blobs, open_image_source, read_json_blob, scan_ids
+from .sources import ImageRef, ImageSource, open_image_source, read_json_blob, scan_ids
 
 INDEX_VERSION = 1
 
@@ -260,7 +260,8 @@ def _probe_referenced(
     for c in candidates:
         c.media_rows = [None if ids is None else [locate(c.spec.group, i) for i in ids] for ids in c.media_ids]
 
-    # Stream the referenced rows, one row group at a time.
+    # Stream the referenced rows, one row group at a time, page by page (rust/shard.rs): memory stays at a
+    # few images even when the table is one huge row group, as pandas writes Otter's tables.
     by_rg: dict[tuple[int, int, int], list[int]] = defaultdict(list)
     for ri, r in enumerate(rows):
         by_rg[(r["source"], r["ref"].file, r["ref"].row_group)].append(ri)
@@ -269,14 +270,13 @@ def _probe_referenced(
         is_b64 = src.encoding == "base64"
         if src.kind == "json":
             for ri in ris:
-                blob = read_json_blob(src, rows[ri]["ref"])
-                arr = pa.array([blob], type=pa.binary())
-                _apply_probe(rows, [ri], arr, is_b64, src, _native, opts, report)
+                arr = pa.array([read_json_blob(src, rows[ri]["ref"])], type=pa.binary())
+                _apply_probe(rows, [ri], probe_arrow(arr, is_b64), src, opts, report)
             continue
         ris.sort(key=lambda i: rows[i]["ref"].row)
-        by_row = {rows[i]["ref"].row: i for i in ris}
-        for take_rows, arr in iter_parquet_blobs(src, fi, rg, [rows[i]["ref"].row for i in ris]):
-            _apply_probe(rows, [by_row[r] for r in take_rows], arr, is_b64, src, _native, opts, report)
+        probed = _native.probe_parquet_rows(src.files[fi], src.image_column, rg,
+                                            [rows[i]["ref"].row for i in ris], is_b64)
+        _apply_probe(rows, ris, probed, src, opts, report)
     bad = {i for i, r in enumerate(rows) if r.get("defect")}
     if bad:
         kept = [c for c in candidates if not any(m and any(i in bad for i in m) for m in c.media_rows)]
@@ -284,7 +284,10 @@ def _probe_referenced(
     return rows
 
 
-def _apply_probe(rows, ris, arr: pa.Array, is_b64, src: ImageSource, native, opts, report) -> None:
+def probe_arrow(arr: pa.Array, is_b64: bool) -> list[tuple]:
+    """Probe every value of an Arrow binary/string array through its buffers (no Python object per image)."""
+    from .. import _native
+
     nulls = arr.is_null().to_pylist() if arr.null_count else [False] * len(arr)
     if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
         arr = arr.cast(pa.large_binary() if pa.types.is_large_string(arr.type) else pa.binary())
@@ -292,14 +295,15 @@ def _apply_probe(rows, ris, arr: pa.Array, is_b64, src: ImageSource, native, opt
     bufs = arr.buffers()
     offsets = np.frombuffer(bufs[1], dtype=np.int64 if large else np.int32)[arr.offset : arr.offset + len(arr) + 1]
     data = bufs[2] if bufs[2] is not None else pa.py_buffer(b"")
-    probed = native.probe_images(memoryview(data).cast("B"), np.ascontiguousarray(offsets, dtype=np.int64), is_b64)
-    for ri, isnull, (code, w, h, fmt, n, msg) in zip(ris, nulls, probed):
+    probed = _native.probe_images(memoryview(data).cast("B"), np.ascontiguousarray(offsets, dtype=np.int64), is_b64)
+    return [("null_image", 0, 0, "", 0, "image bytes are null") if isnull else p for isnull, p in zip(nulls, probed)]
+
+
+def _apply_probe(rows, ris, probed, src: ImageSource, opts, report) -> None:
+    for ri, (code, w, h, fmt, n, msg) in zip(ris, probed):
         r = rows[ri]
         path = src.files[r["ref"].file]
-        if isnull:
-            report.add("null_image", path, r["image_id"])
-            r["defect"] = "null_image"
-        elif code:
+        if code:
             report.add(code, path, r["image_id"], msg)
             r["defect"] = code
         elif w * h > opts.max_image_pixels:

@@ -197,31 +197,6 @@ def open_parquet(path: str) -> pq.ParquetFile:
     return pq.ParquetFile(path, buffer_size=PARQUET_BUFFER)
 
 
-def iter_parquet_blobs(
-    src: ImageSource, file: int, row_group: int, rows: list[int], batch_size: int = 256
-) -> Iterator[tuple[list[int], pa.Array]]:
-    """The stored values (base64 text or raw bytes) of `rows` (sorted) of one row group, in batches.
-
-    Memory is bounded by one batch of the row group, not by the table.
-    """
-    pf = open_parquet(src.files[file])
-    want = iter(rows)
-    nxt = next(want, None)
-    start = 0
-    for batch in pf.iter_batches(batch_size=batch_size, row_groups=[row_group], columns=[src.image_column]):
-        end = start + batch.num_rows
-        take: list[int] = []
-        while nxt is not None and nxt < end:
-            take.append(nxt)
-            nxt = next(want, None)
-        if take:
-            col = batch.column(0)
-            yield take, col.take(pa.array([r - start for r in take], type=pa.int64()))
-        start = end
-        if nxt is None:
-            break
-
-
 class BlobReader:
     """Random access to one image's stored value, for the reference loader.
 

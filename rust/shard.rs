@@ -1,0 +1,94 @@
+//! Parquet image tables, streamed: one column of one row group, page by page, never the whole chunk.
+//!
+//! Otter's tables are usually written by pandas with one row group per file, so "read a row group" means
+//! "read every image". The low-level parquet reader decodes pages as it goes, so memory stays at a page and
+//! one batch of values whatever the table's size.
+
+use parquet::basic::Type as PhysicalType;
+use parquet::column::reader::ColumnReader;
+use parquet::data_type::ByteArray;
+use parquet::file::reader::{FileReader, SerializedFileReader};
+use std::fs::File;
+
+#[derive(Debug)]
+pub struct ShardError(pub String);
+
+impl std::fmt::Display for ShardError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Values decoded per call: small, since one image is typically 0.1-1 MB.
+const BATCH: usize = 16;
+
+/// Stream `column` of `row_group` in `path` and call `visit(row, Some(bytes) | None)` for each row in
+/// `rows` (sorted ascending, rows within the row group). Rows not asked for are decoded and dropped.
+pub fn for_each_row<F: FnMut(usize, Option<&[u8]>)>(
+    path: &str,
+    column: &str,
+    row_group: usize,
+    rows: &[usize],
+    mut visit: F,
+) -> Result<(), ShardError> {
+    let err = |m: String| ShardError(format!("{path}: {m}"));
+    if rows.windows(2).any(|w| w[1] <= w[0]) {
+        return Err(err("rows must be sorted and unique".into()));
+    }
+    let file = File::open(path).map_err(|e| err(format!("cannot open: {e}")))?;
+    let reader = SerializedFileReader::new(file).map_err(|e| err(format!("not a readable parquet file: {e}")))?;
+    let meta = reader.metadata();
+    if row_group >= meta.num_row_groups() {
+        return Err(err(format!("row group {row_group} out of range ({} row groups)", meta.num_row_groups())));
+    }
+    let schema = meta.file_metadata().schema_descr();
+    let col = (0..schema.num_columns())
+        .find(|&i| schema.column(i).path().string() == column)
+        .ok_or_else(|| err(format!("no column {column:?}")))?;
+    let descr = schema.column(col);
+    if descr.physical_type() != PhysicalType::BYTE_ARRAY {
+        return Err(err(format!("column {column:?} is {:?}, expected BYTE_ARRAY", descr.physical_type())));
+    }
+    let max_def = descr.max_def_level();
+    let rg = reader.get_row_group(row_group).map_err(|e| err(format!("row group {row_group}: {e}")))?;
+    let n_rows = rg.metadata().num_rows() as usize;
+    if let Some(&last) = rows.last() {
+        if last >= n_rows {
+            return Err(err(format!("row {last} out of range (row group {row_group} has {n_rows} rows)")));
+        }
+    }
+    let mut typed = match rg.get_column_reader(col).map_err(|e| err(format!("column {column:?}: {e}")))? {
+        ColumnReader::ByteArrayColumnReader(r) => r,
+        _ => return Err(err(format!("column {column:?} is not a byte-array column"))),
+    };
+    let mut want = rows.iter().copied().peekable();
+    let mut values: Vec<ByteArray> = Vec::with_capacity(BATCH);
+    let mut defs: Vec<i16> = Vec::with_capacity(BATCH);
+    let mut row = 0usize;
+    while want.peek().is_some() {
+        values.clear();
+        defs.clear();
+        let (records, _values, _levels) = typed
+            .read_records(BATCH, if max_def > 0 { Some(&mut defs) } else { None }, None, &mut values)
+            .map_err(|e| err(format!("row group {row_group}, near row {row}: {e}")))?;
+        if records == 0 {
+            return Err(err(format!("row group {row_group} ended at row {row}, before the rows asked for")));
+        }
+        let mut vi = 0usize;
+        for k in 0..records {
+            let present = max_def == 0 || defs[k] == max_def;
+            let value = if present {
+                vi += 1;
+                Some(values[vi - 1].data())
+            } else {
+                None
+            };
+            if want.peek() == Some(&(row + k)) {
+                want.next();
+                visit(row + k, value);
+            }
+        }
+        row += records;
+    }
+    Ok(())
+}
