@@ -140,7 +140,7 @@ def main() -> None:
     with open("benches/results/prepare_memory.json", "w") as f:
         json.dump(res, f, indent=1)
     md = (f"# prepare memory ({res['date']}, {res['env']['cpus']} CPUs, Python {res['env']['python']})\n\n"
-          f"Image table: {a.images} images, {res['image_size']}, one row group, written two ways.\n"
+          f"Image table: {a.images} images, {res['image_size']}, one row group, written three ways.\n"
           f"Floor of the process (imports incl. torch via transformers, tokenizer loaded): {base[1]:.0f} MiB peak RSS.\n"
           "Peak memory of prepare above that floor is about 2x the largest page of the image column (compressed +\n"
           "decompressed): for tables written with pandas/dask defaults the whole row group's column is one page.\n\n"

@@ -15,6 +15,13 @@ use rayon::prelude::*;
 /// error_code is "" on success; then message is "".
 type ProbeRow = (&'static str, u32, u32, &'static str, usize, String);
 
+fn probe_row(blob: &[u8], is_base64: bool) -> ProbeRow {
+    match header::probe_blob(blob, is_base64) {
+        Ok(h) => ("", h.width, h.height, h.format, h.encoded_len, String::new()),
+        Err(e) => (e.code(), 0, 0, "", 0, e.message()),
+    }
+}
+
 /// Read the headers of many encoded images at once, in parallel, without the GIL.
 ///
 /// `data` is one contiguous buffer (e.g. an Arrow binary/string column's data buffer) and `offsets`
@@ -47,13 +54,7 @@ fn probe_images(
     let rows = py.detach(move || {
         let bytes: &[u8] = unsafe { std::slice::from_raw_parts(ptr as *const u8, n_bytes) };
         offs.par_windows(2)
-            .map(|w| {
-                let blob = &bytes[w[0] as usize..w[1] as usize];
-                match header::probe_blob(blob, is_base64) {
-                    Ok(h) => ("", h.width, h.height, h.format, h.encoded_len, String::new()),
-                    Err(e) => (e.code(), 0, 0, "", 0, e.message()),
-                }
-            })
+            .map(|w| probe_row(&bytes[w[0] as usize..w[1] as usize], is_base64))
             .collect::<Vec<ProbeRow>>()
     });
     drop(data);
@@ -82,10 +83,7 @@ fn probe_parquet_rows(
                 .par_iter()
                 .map(|b| match b {
                     None => ("null_image", 0, 0, "", 0, "image bytes are null".to_string()),
-                    Some(bytes) => match header::probe_blob(bytes, is_base64) {
-                        Ok(h) => ("", h.width, h.height, h.format, h.encoded_len, String::new()),
-                        Err(e) => (e.code(), 0, 0, "", 0, e.message()),
-                    },
+                    Some(bytes) => probe_row(bytes, is_base64),
                 })
                 .collect();
             out.extend(probed);

@@ -26,24 +26,23 @@ def demo_tok_dir(demo_dir) -> str:
     return os.path.join(demo_dir, "tokenizer")
 
 
-@pytest.fixture(scope="session")
-def demo_index(demo_dir, tmp_path_factory) -> str:
+def _prepare_demo(demo_dir, tmp_path_factory, fmt: str, video_frames: int) -> str:
     from otterfast.data.prepare import PrepareOptions, prepare
 
-    out = str(tmp_path_factory.mktemp("index_simple"))
+    out = str(tmp_path_factory.mktemp(f"index_{fmt}"))
     prepare(os.path.join(demo_dir, "data.yaml"), os.path.join(demo_dir, "tokenizer"), out,
-            PrepareOptions(format="simple", video_frames=4))
+            PrepareOptions(format=fmt, video_frames=video_frames))
     return out
+
+
+@pytest.fixture(scope="session")
+def demo_index(demo_dir, tmp_path_factory) -> str:
+    return _prepare_demo(demo_dir, tmp_path_factory, "simple", video_frames=4)
 
 
 @pytest.fixture(scope="session")
 def demo_index_fuyu(demo_dir, tmp_path_factory) -> str:
-    from otterfast.data.prepare import PrepareOptions, prepare
-
-    out = str(tmp_path_factory.mktemp("index_fuyu"))
-    prepare(os.path.join(demo_dir, "data.yaml"), os.path.join(demo_dir, "tokenizer"), out,
-            PrepareOptions(format="fuyu", video_frames=3))
-    return out
+    return _prepare_demo(demo_dir, tmp_path_factory, "fuyu", video_frames=3)
 
 
 def encode_image(w: int, h: int, fmt: str = "PNG", seed: int = 0, mode: str = "RGB") -> bytes:
