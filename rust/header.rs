@@ -59,13 +59,24 @@ fn engine(alpha: &alphabet::Alphabet) -> GeneralPurpose {
 /// `-`/`_` never mix in a valid one). Whitespace (line-wrapped base64) is ignored, like Python's decoder.
 pub fn decode_base64(text: &[u8]) -> Result<Vec<u8>, ProbeError> {
     let cleaned: std::borrow::Cow<[u8]> = if text.iter().any(|b| b.is_ascii_whitespace()) {
-        std::borrow::Cow::Owned(text.iter().copied().filter(|b| !b.is_ascii_whitespace()).collect())
+        std::borrow::Cow::Owned(
+            text.iter()
+                .copied()
+                .filter(|b| !b.is_ascii_whitespace())
+                .collect(),
+        )
     } else {
         std::borrow::Cow::Borrowed(text)
     };
     let url_safe = cleaned.iter().any(|&b| b == b'-' || b == b'_');
-    let alpha = if url_safe { &alphabet::URL_SAFE } else { &alphabet::STANDARD };
-    engine(alpha).decode(&*cleaned).map_err(|e| ProbeError::BadBase64(e.to_string()))
+    let alpha = if url_safe {
+        &alphabet::URL_SAFE
+    } else {
+        &alphabet::STANDARD
+    };
+    engine(alpha)
+        .decode(&*cleaned)
+        .map_err(|e| ProbeError::BadBase64(e.to_string()))
 }
 
 fn sniff_format(bytes: &[u8]) -> Option<(image::ImageFormat, &'static str)> {
@@ -90,9 +101,16 @@ pub fn probe_bytes(bytes: &[u8]) -> Result<Header, ProbeError> {
         .into_dimensions()
         .map_err(|e| ProbeError::BadHeader(e.to_string()))?;
     if width == 0 || height == 0 {
-        return Err(ProbeError::BadHeader(format!("zero-sized image {width}x{height}")));
+        return Err(ProbeError::BadHeader(format!(
+            "zero-sized image {width}x{height}"
+        )));
     }
-    Ok(Header { width, height, format: name, encoded_len: bytes.len() })
+    Ok(Header {
+        width,
+        height,
+        format: name,
+        encoded_len: bytes.len(),
+    })
 }
 
 /// Probe one blob, base64-decoding it first when `is_base64`.
@@ -112,7 +130,8 @@ mod tests {
     fn png_1x1() -> Vec<u8> {
         let img = image::RgbImage::from_pixel(3, 2, image::Rgb([1, 2, 3]));
         let mut out = Vec::new();
-        img.write_to(&mut Cursor::new(&mut out), image::ImageFormat::Png).unwrap();
+        img.write_to(&mut Cursor::new(&mut out), image::ImageFormat::Png)
+            .unwrap();
         out
     }
 
@@ -136,9 +155,15 @@ mod tests {
 
     #[test]
     fn garbage_is_not_an_image() {
-        assert_eq!(probe_bytes(b"hello world").unwrap_err(), ProbeError::NotAnImage);
+        assert_eq!(
+            probe_bytes(b"hello world").unwrap_err(),
+            ProbeError::NotAnImage
+        );
         assert_eq!(probe_bytes(b"").unwrap_err(), ProbeError::NotAnImage);
-        assert!(matches!(decode_base64(b"!!!!").unwrap_err(), ProbeError::BadBase64(_)));
+        assert!(matches!(
+            decode_base64(b"!!!!").unwrap_err(),
+            ProbeError::BadBase64(_)
+        ));
     }
 
     #[test]

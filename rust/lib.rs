@@ -17,7 +17,14 @@ type ProbeRow = (&'static str, u32, u32, &'static str, usize, String);
 
 fn probe_row(blob: &[u8], is_base64: bool) -> ProbeRow {
     match header::probe_blob(blob, is_base64) {
-        Ok(h) => ("", h.width, h.height, h.format, h.encoded_len, String::new()),
+        Ok(h) => (
+            "",
+            h.width,
+            h.height,
+            h.format,
+            h.encoded_len,
+            String::new(),
+        ),
         Err(e) => (e.code(), 0, 0, "", 0, e.message()),
     }
 }
@@ -36,7 +43,9 @@ fn probe_images(
     is_base64: bool,
 ) -> PyResult<Vec<ProbeRow>> {
     if !data.is_c_contiguous() || !offsets.is_c_contiguous() {
-        return Err(PyValueError::new_err("probe_images: buffers must be C-contiguous"));
+        return Err(PyValueError::new_err(
+            "probe_images: buffers must be C-contiguous",
+        ));
     }
     let offs: Vec<i64> = offsets.to_vec(py)?;
     let n_bytes = data.len_bytes();
@@ -82,7 +91,14 @@ fn probe_parquet_rows(
             let probed: Vec<ProbeRow> = blobs
                 .par_iter()
                 .map(|b| match b {
-                    None => ("null_image", 0, 0, "", 0, "image bytes are null".to_string()),
+                    None => (
+                        "null_image",
+                        0,
+                        0,
+                        "",
+                        0,
+                        "image bytes are null".to_string(),
+                    ),
                     Some(bytes) => probe_row(bytes, is_base64),
                 })
                 .collect();

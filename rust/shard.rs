@@ -36,10 +36,14 @@ pub fn for_each_row<F: FnMut(usize, Option<&[u8]>)>(
         return Err(err("rows must be sorted and unique".into()));
     }
     let file = File::open(path).map_err(|e| err(format!("cannot open: {e}")))?;
-    let reader = SerializedFileReader::new(file).map_err(|e| err(format!("not a readable parquet file: {e}")))?;
+    let reader = SerializedFileReader::new(file)
+        .map_err(|e| err(format!("not a readable parquet file: {e}")))?;
     let meta = reader.metadata();
     if row_group >= meta.num_row_groups() {
-        return Err(err(format!("row group {row_group} out of range ({} row groups)", meta.num_row_groups())));
+        return Err(err(format!(
+            "row group {row_group} out of range ({} row groups)",
+            meta.num_row_groups()
+        )));
     }
     let schema = meta.file_metadata().schema_descr();
     let col = (0..schema.num_columns())
@@ -47,17 +51,27 @@ pub fn for_each_row<F: FnMut(usize, Option<&[u8]>)>(
         .ok_or_else(|| err(format!("no column {column:?}")))?;
     let descr = schema.column(col);
     if descr.physical_type() != PhysicalType::BYTE_ARRAY {
-        return Err(err(format!("column {column:?} is {:?}, expected BYTE_ARRAY", descr.physical_type())));
+        return Err(err(format!(
+            "column {column:?} is {:?}, expected BYTE_ARRAY",
+            descr.physical_type()
+        )));
     }
     let max_def = descr.max_def_level();
-    let rg = reader.get_row_group(row_group).map_err(|e| err(format!("row group {row_group}: {e}")))?;
+    let rg = reader
+        .get_row_group(row_group)
+        .map_err(|e| err(format!("row group {row_group}: {e}")))?;
     let n_rows = rg.metadata().num_rows() as usize;
     if let Some(&last) = rows.last() {
         if last >= n_rows {
-            return Err(err(format!("row {last} out of range (row group {row_group} has {n_rows} rows)")));
+            return Err(err(format!(
+                "row {last} out of range (row group {row_group} has {n_rows} rows)"
+            )));
         }
     }
-    let mut typed = match rg.get_column_reader(col).map_err(|e| err(format!("column {column:?}: {e}")))? {
+    let mut typed = match rg
+        .get_column_reader(col)
+        .map_err(|e| err(format!("column {column:?}: {e}")))?
+    {
         ColumnReader::ByteArrayColumnReader(r) => r,
         _ => return Err(err(format!("column {column:?} is not a byte-array column"))),
     };
@@ -69,10 +83,17 @@ pub fn for_each_row<F: FnMut(usize, Option<&[u8]>)>(
         values.clear();
         defs.clear();
         let (records, _values, _levels) = typed
-            .read_records(BATCH, if max_def > 0 { Some(&mut defs) } else { None }, None, &mut values)
+            .read_records(
+                BATCH,
+                if max_def > 0 { Some(&mut defs) } else { None },
+                None,
+                &mut values,
+            )
             .map_err(|e| err(format!("row group {row_group}, near row {row}: {e}")))?;
         if records == 0 {
-            return Err(err(format!("row group {row_group} ended at row {row}, before the rows asked for")));
+            return Err(err(format!(
+                "row group {row_group} ended at row {row}, before the rows asked for"
+            )));
         }
         let mut vi = 0usize;
         for k in 0..records {
