@@ -36,7 +36,7 @@ def test_inspect_json_and_arrays(demo_index, tmp_path, capsys):
     arrs = np.load(npz)
     assert arrs["input_ids"].shape == (1, len(rec["input_ids"]))
     assert arrs["labels"][0].tolist() == rec["labels"]
-    assert arrs["pixel_values"].shape[1] == len(rec["image_ids"])
+    assert arrs["pixel_values"].shape[0] == sum(len(m) for m in rec["image_ids"])
 
 
 def test_validate_and_prepare_cli(demo_dir, tmp_path, capsys):

@@ -6,7 +6,7 @@ from PIL import Image
 
 from otterfast.data import images as I
 from otterfast.data.index import PreparedIndex
-from otterfast.data.reference import ReferenceLoader, as_torch
+from otterfast.data.reference import ReferenceLoader, as_torch, dense_media
 from otterfast.data.tokenizer import labels_from_spans
 
 
@@ -76,28 +76,62 @@ def test_fuyu_token_counts_from_reference_table():
     assert I.fuyu_resized_size(100, 50) == (100, 50)  # never upscales
 
 
-def test_otter_batch(demo_index):
+def test_otter_batch_unpacked(demo_index):
     idx = PreparedIndex(demo_index)
-    loader = ReferenceLoader(idx, batch_size=6, seed=3)
+    loader = ReferenceLoader(idx, batch_size=6, seed=3, pack=False)
     batch = next(iter(loader))
     B, T = batch["input_ids"].shape
     assert B == 6 and batch["labels"].shape == (B, T)
-    assert batch["pixel_values"].shape[:2] == batch["media_frames"].shape
-    order = loader.order()[:6]
-    for b, row in enumerate(order):
+    rows = loader.plan()[0]
+    assert all(len(r) == 1 for r in rows)
+    frame = 0
+    for b, (row,) in enumerate(rows):
         s = idx.sample(row)
         n = len(s.input_ids)
         assert batch["input_ids"][b, :n].tolist() == s.input_ids
         assert (batch["input_ids"][b, n:] == idx.tok["pad_id"]).all()
         assert batch["labels"][b, :n].tolist() == labels_from_spans(s.input_ids, s.label_spans)
         assert (batch["labels"][b, n:] == -100).all() and batch["attention_mask"][b].sum() == n
+        assert batch["position_ids"][b, :n].tolist() == list(range(n))
         for m, media in enumerate(s.media_images):
-            assert batch["media_frames"][b, m] == len(media)
-            for f, r in enumerate(media):
-                assert np.array_equal(batch["pixel_values"][b, m, f], I.otter_transform(loader.load_image(r)))
-            assert not batch["pixel_values"][b, m, len(media):].any()
+            for r in media:
+                assert np.array_equal(batch["pixel_values"][frame], I.otter_transform(loader.load_image(r)))
+                frame += 1
+        mine = batch["media_row"] == b
+        assert batch["media_pos"][mine].tolist() == s.media_pos
+        assert batch["media_frames"][mine].tolist() == [len(m) for m in s.media_images]
+    assert frame == len(batch["pixel_values"])
+    dense, counts = dense_media(batch)
+    assert dense.shape[:3] == (B, counts.shape[1], int(counts.max(initial=0)))
     t = as_torch(batch)
     assert t["input_ids"].data_ptr() == batch["input_ids"].ctypes.data  # no copy
+
+
+def test_packed_batches(demo_index):
+    idx = PreparedIndex(demo_index)
+    loader = ReferenceLoader(idx, batch_size=2, seed=1, pack=True, capacity=256)
+    plan = loader.plan()
+    lengths = idx.num_tokens()
+    used = sorted(s for batch in plan for row in batch for s in row)
+    assert used == sorted(idx.epoch_order(1, 0))  # every sample of the epoch, once
+    assert all(sum(lengths[s] for s in row) <= 256 for batch in plan for row in batch)
+    batch = loader.collate_rows(plan[0])
+    assert batch["input_ids"].shape == (2, 256)
+    for b, row in enumerate(plan[0]):
+        off = 0
+        for k, r in enumerate(row):
+            s = idx.sample(r)
+            n = len(s.input_ids)
+            assert batch["input_ids"][b, off:off + n].tolist() == s.input_ids
+            assert batch["position_ids"][b, off:off + n].tolist() == list(range(n))
+            assert (batch["segment_ids"][b, off:off + n] == k).all()
+            off += n
+        assert (batch["segment_ids"][b, off:] == -1).all() and (batch["labels"][b, off:] == -100).all()
+    cu = batch["cu_seqlens"]
+    assert cu[0] == 0 and cu[-1] == 2 * 256 and (np.diff(cu) > 0).all()
+    padding = 1 - sum(lengths[s] for batch in plan for row in batch for s in row) / (
+        256 * sum(len(b) for b in plan))
+    assert padding < 0.05
 
 
 def test_decoded_pixels_equal_pil_on_source_bytes(demo_dir, demo_index):
@@ -123,7 +157,7 @@ def test_decoded_pixels_equal_pil_on_source_bytes(demo_dir, demo_index):
 
 def test_fuyu_batch(demo_index_fuyu):
     idx = PreparedIndex(demo_index_fuyu)
-    loader = ReferenceLoader(idx, batch_size=4, seed=0)
+    loader = ReferenceLoader(idx, batch_size=4, seed=0, pack=False)
     batch = next(iter(loader))
     ph, nl = idx.tok["fuyu_placeholder_id"], idx.tok["fuyu_newline_id"]
     ids, pidx, labels = batch["input_ids"], batch["image_patches_indices"], batch["labels"]
@@ -131,7 +165,7 @@ def test_fuyu_batch(demo_index_fuyu):
     assert sorted(pidx[pidx >= 0].tolist()) == list(range(n_patches))  # each patch used once
     assert ((ids == ph) == (pidx >= 0)).all()
     assert (labels[(ids == ph) | (ids == nl)] == -100).all()
-    for b, row in enumerate(loader.order()[:4]):
+    for b, (row,) in enumerate(loader.plan()[0]):
         s = idx.sample(row)
         assert int(batch["attention_mask"][b].sum()) == s.num_tokens
         if s.media_images and s.media_pos[0] == 0:
@@ -162,4 +196,4 @@ def test_text_only_batch_has_no_media(demo_index):
     idx = PreparedIndex(demo_index)
     rows = [i for i in range(len(idx)) if idx.sample(i).group == "TEXT_ONLY"][:3]
     batch = ReferenceLoader(idx).collate([idx.sample(i) for i in rows])
-    assert batch["pixel_values"].shape[1:3] == (0, 0) and batch["media_frames"].shape == (3, 0)
+    assert batch["pixel_values"].shape == (0, 3, 224, 224) and batch["media_frames"].shape == (0,)

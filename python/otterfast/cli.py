@@ -156,7 +156,7 @@ def cmd_demo(a) -> int:
             print("    text:   " + s.text.replace("\n", "\\n"))
             print("    labels: " + " | ".join(tok.decode(s.input_ids[x:y]) for x, y in s.label_spans))
         t1 = time.perf_counter()
-        loader = ReferenceLoader(idx, batch_size=8, seed=a.seed)
+        loader = ReferenceLoader(idx, batch_size=8, seed=a.seed, pack=False)
         batch = next(iter(loader))
         shapes = {k: tuple(v.shape) for k, v in batch.items() if hasattr(v, "shape")}
         print(f"  reference loader, first batch ({time.perf_counter() - t1:.2f}s): {shapes}")

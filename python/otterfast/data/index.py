@@ -38,6 +38,7 @@ class Sample:
     num_image_tokens: int
     num_tokens: int
     context_dropped: int
+    row: int = -1  # this sample's row in the index
 
 
 class PreparedIndex:
@@ -69,7 +70,7 @@ class PreparedIndex:
         row = {k: self.samples.column(k)[i].as_py() for k in self.samples.column_names}
         sp = row["label_spans"]
         row["label_spans"] = list(zip(sp[::2], sp[1::2]))
-        return Sample(**row)
+        return Sample(**row, row=i)
 
     def image(self, row: int) -> dict:
         return {k: self.images.column(k)[row].as_py() for k in self.images.column_names}

@@ -1,134 +1,97 @@
-"""The reference loader: the prepared index -> model-ready, pad-to-longest batches, in plain Python.
+"""The reference loader: the prepared index -> model-ready batches, in plain Python (PIL + numpy).
 
-It is the obviously-correct oracle for the native loader (same index, same order, same outputs) and
-the baseline for benchmarks. Batches are dicts of numpy arrays (`as_torch` turns them into tensors):
+It is the obviously-correct oracle for the native loader (same index, same plan, same outputs) and a
+baseline for benchmarks. A batch is a dict of numpy arrays (`as_torch` wraps them without a copy). Rows
+hold one sample (pack=False, padded to the longest row) or several (pack=True, padded to `capacity`):
 
+    input_ids       (B, T) int64   pad id after the row's samples
+    labels          (B, T) int64   -100 on pads, unlabelled and image tokens
+    attention_mask  (B, T) int64   1 on sample tokens
+    position_ids    (B, T) int64   restart at 0 for every sample; 0 on pads
+    segment_ids     (B, T) int32   0, 1, ... = which sample of the row; -1 on pads
+    cu_seqlens      (S+1,) int32   boundaries over the flattened B*T tokens: every sample, and every row's pad
+                                   tail as a segment of its own (varlen attention can run on the flat batch)
+    sample_index    (N,)   int64   index rows of the batch's samples, in layout order
 Otter formats (simple, llama2, idefics):
-    input_ids (B, T) int64, right-padded with the pad id; attention_mask (B, T); labels (B, T), -100 on
-    pads and unlabelled tokens; pixel_values (B, M, F, 3, S, S) float32 where M is the most media of a
-    sample in the batch and F the most frames of a media (zeros where absent); media_frames (B, M) int64:
-    frames of each media (0 = no media in that slot).
+    pixel_values    (F, 3, S, S) float32   every frame of every media, in layout order
+    media_row, media_pos, media_frames (M,) int64   per media: its row, its <image> position, its frame count
 fuyu:
-    input_ids (B, T) with every image's placeholder + newline tokens inserted at its media position;
-    labels -100 on image tokens; image_patches (N, 2700) float32, all the batch's patches in order;
-    image_patches_indices (B, T) int64: the row of image_patches a placeholder takes, -1 elsewhere.
-Both: position_ids (B, T), sample_id, group (lists).
+    image_patches   (P, 2700) float32      every patch, in layout order
+    image_patches_indices (B, T) int64     the image_patches row of each placeholder token; -1 elsewhere
+and `sample_id`, `group` (lists, per sample), `skipped` (samples left out by on_error="skip").
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 
 from . import images as imgs
+from .batching import LoaderConfig, plan_batches, shard_batches
+from .defects import DataError
 from .index import PreparedIndex, Sample
 from .sources import BlobReader
 from .tokenizer import labels_from_spans
 
 
-@dataclass
-class ReferenceLoaderConfig:
-    batch_size: int = 8
-    seed: int = 0
-    image_transform: str = "otter"  # "otter" (training: square resize) or "clip" (resize + centre crop)
-    image_size: int = imgs.OTTER_SIZE
-    rank: int = 0
-    world_size: int = 1
-    drop_last: bool = False
-
-
 class ReferenceLoader:
-    def __init__(self, index: PreparedIndex | str, config: ReferenceLoaderConfig | None = None, **overrides):
+    def __init__(self, index: PreparedIndex | str, config: LoaderConfig | None = None, **overrides):
         self.index = index if isinstance(index, PreparedIndex) else PreparedIndex(index)
-        cfg = config or ReferenceLoaderConfig()
-        for k, v in overrides.items():
-            if not hasattr(cfg, k):
-                raise TypeError(f"unknown option {k!r}")
-            setattr(cfg, k, v)
-        if cfg.image_transform not in imgs.IMAGE_TRANSFORMS:
-            raise ValueError(f"image_transform must be one of {list(imgs.IMAGE_TRANSFORMS)}")
-        self.cfg = cfg
+        self.cfg = LoaderConfig.make(config, **overrides)
+        self.capacity = self.cfg.capacity or self.index.max_seq_len
         self.epoch = 0
         self.blobs = BlobReader(self.index.sources)
         self.tok = self.index.tok
         self.is_fuyu = self.index.format == "fuyu"
         opts = self.index.meta["options"]
         self.fuyu_max = (opts["fuyu_max_height"], opts["fuyu_max_width"])
+        self.dropped_batches = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def order(self) -> list[int]:
+    def plan(self) -> list[list[list[int]]]:
+        """This rank's batches for the current epoch: batches of rows of index sample rows."""
         c = self.cfg
-        return self.index.epoch_order(c.seed, self.epoch, c.rank, c.world_size)
+        order = self.index.epoch_order(c.seed, self.epoch)
+        batches = plan_batches(self.index.num_tokens().tolist(), order, c.batch_size, c.pack, self.capacity, c.window)
+        mine, self.dropped_batches = shard_batches(batches, c.rank, c.world_size, c.even_batches)
+        return mine
 
     def __len__(self) -> int:
-        n = len(self.order())
-        return n // self.cfg.batch_size if self.cfg.drop_last else -(-n // self.cfg.batch_size)
+        return len(self.plan())
 
     def __iter__(self) -> Iterator[dict]:
-        order = self.order()
-        bs = self.cfg.batch_size
-        for i in range(0, len(order), bs):
-            rows = order[i : i + bs]
-            if len(rows) < bs and self.cfg.drop_last:
-                break
-            yield self.collate([self.index.sample(r) for r in rows])
+        for rows in self.plan():
+            yield self.collate_rows(rows)
 
     # ---- pixels ------------------------------------------------------------------------------------
 
     def load_image(self, image_row: int):
         source, ref = self.index.image_ref(image_row)
-        blob = self.blobs.read(source, ref)
-        if blob is None:
-            raise ValueError(f"image row {image_row}: null bytes")
-        if self.index.sources[source].encoding == "base64":
-            blob = imgs.b64decode(blob)
-        return imgs.decode_rgb(blob)
+        try:
+            blob = self.blobs.read(source, ref)
+            if blob is None:
+                raise ValueError("null image bytes")
+            if self.index.sources[source].encoding == "base64":
+                blob = imgs.b64decode(blob)
+            return imgs.decode_rgb(blob)
+        except Exception as e:  # PIL raises many types for bad bytes
+            info = self.index.image(image_row)
+            src = self.index.sources[source]
+            raise DataError(f"{src.files[ref.file]}: image id {info['image_id']!r}: cannot decode: {e}") from None
 
-    # ---- collate -----------------------------------------------------------------------------------
+    # ---- layout ------------------------------------------------------------------------------------
 
-    def collate(self, samples: list[Sample]) -> dict:
-        return self._collate_fuyu(samples) if self.is_fuyu else self._collate_otter(samples)
-
-    def _pad_text(self, seqs: list[list[int]], labels: list[list[int]]) -> dict:
-        B, T = len(seqs), max(len(s) for s in seqs)
-        ids = np.full((B, T), self.tok["pad_id"], dtype=np.int64)
-        lab = np.full((B, T), -100, dtype=np.int64)
-        att = np.zeros((B, T), dtype=np.int64)
-        pos = np.zeros((B, T), dtype=np.int64)
-        for b, (s, l) in enumerate(zip(seqs, labels)):
-            ids[b, : len(s)] = s
-            lab[b, : len(l)] = l
-            att[b, : len(s)] = 1
-            pos[b, : len(s)] = np.arange(len(s))
-        return {"input_ids": ids, "labels": lab, "attention_mask": att, "position_ids": pos}
-
-    def _collate_otter(self, samples: list[Sample]) -> dict:
-        out = self._pad_text([s.input_ids for s in samples],
-                             [labels_from_spans(s.input_ids, s.label_spans) for s in samples])
-        M = max([len(s.media_images) for s in samples] + [0])
-        F = max([len(m) for s in samples for m in s.media_images] + [0])
-        S = self.cfg.image_size
-        pix = np.zeros((len(samples), M, F, 3, S, S), dtype=np.float32)
-        frames = np.zeros((len(samples), M), dtype=np.int64)
-        tf = imgs.IMAGE_TRANSFORMS[self.cfg.image_transform]
-        for b, s in enumerate(samples):
-            for m, media in enumerate(s.media_images):
-                frames[b, m] = len(media)
-                for f, row in enumerate(media):
-                    pix[b, m, f] = tf(self.load_image(row), S)
-        out.update(pixel_values=pix, media_frames=frames,
-                   sample_id=[s.sample_id for s in samples], group=[s.group for s in samples])
-        return out
-
-    def fuyu_sequence(self, s: Sample) -> tuple[list[int], list[int], list[int], list[np.ndarray]]:
-        """One sample's ids, labels and patch indices (local to the sample) with image tokens inserted."""
-        ph, nl = self.tok["fuyu_placeholder_id"], self.tok["fuyu_newline_id"]
+    def sample_sequence(self, s: Sample) -> dict:
+        """One sample's tokens, labels and media, with Fuyu image tokens inserted where they belong."""
         labels = labels_from_spans(s.input_ids, s.label_spans)
-        inserts: dict[int, list] = {}
+        if not self.is_fuyu:
+            frames = [[self.pixels(r) for r in media] for media in s.media_images]
+            return {"ids": list(s.input_ids), "labels": labels, "media_pos": list(s.media_pos), "frames": frames}
+        ph, nl = self.tok["fuyu_placeholder_id"], self.tok["fuyu_newline_id"]
+        inserts: dict[int, list[int]] = {}
         for pos, media in zip(s.media_pos, s.media_images):
             inserts.setdefault(pos, []).extend(media)
         ids: list[int] = []
@@ -149,32 +112,110 @@ class ReferenceLoader:
                 ids.append(s.input_ids[t])
                 lab.append(labels[t])
                 pidx.append(-1)
-        return ids, lab, pidx, patches
+        return {"ids": ids, "labels": lab, "patch_idx": pidx, "patches": patches}
 
-    def _collate_fuyu(self, samples: list[Sample]) -> dict:
-        seqs, labs, idxs, all_patches = [], [], [], []
-        offset = 0
-        for s in samples:
-            ids, lab, pidx, patches = self.fuyu_sequence(s)
-            seqs.append(ids)
-            labs.append(lab)
-            idxs.append([i + offset if i >= 0 else -1 for i in pidx])
-            n = sum(len(p) for p in patches)
-            all_patches += patches
-            offset += n
-        out = self._pad_text(seqs, labs)
-        T = out["input_ids"].shape[1]
-        pi = np.full((len(samples), T), -1, dtype=np.int64)
-        for b, x in enumerate(idxs):
-            pi[b, : len(x)] = x
-        patch_dim = imgs.FUYU_PATCH * imgs.FUYU_PATCH * 3
-        out.update(
-            image_patches=np.concatenate(all_patches) if all_patches else np.zeros((0, patch_dim), np.float32),
-            image_patches_indices=pi,
-            sample_id=[s.sample_id for s in samples],
-            group=[s.group for s in samples],
-        )
+    def pixels(self, image_row: int) -> np.ndarray:
+        tf = imgs.IMAGE_TRANSFORMS[self.cfg.image_transform]
+        return tf(self.load_image(image_row), self.cfg.image_size)
+
+    def collate(self, samples: list[Sample]) -> dict:
+        """One sample per row, padded to the longest (what `pack=False` yields)."""
+        return self._assemble([[s] for s in samples], None)
+
+    def collate_rows(self, rows: list[list[int]]) -> dict:
+        return self._assemble([[self.index.sample(r) for r in row] for row in rows],
+                              self.capacity if self.cfg.pack else None)
+
+    def _assemble(self, rows: list[list[Sample]], width: int | None) -> dict:
+        seqs: list[list[tuple[Sample, dict]]] = []
+        skipped = 0
+        for row in rows:
+            kept = []
+            for s in row:
+                try:
+                    kept.append((s, self.sample_sequence(s)))
+                except DataError:
+                    if self.cfg.on_error == "raise":
+                        raise
+                    skipped += 1
+            seqs.append(kept)
+        B = len(rows)
+        T = width or max([sum(len(q["ids"]) for _, q in row) for row in seqs] + [1])
+        ids = np.full((B, T), self.tok["pad_id"], dtype=np.int64)
+        lab = np.full((B, T), -100, dtype=np.int64)
+        att = np.zeros((B, T), dtype=np.int64)
+        pos = np.zeros((B, T), dtype=np.int64)
+        seg = np.full((B, T), -1, dtype=np.int32)
+        cu = [0]
+        out: dict = {"sample_index": [], "sample_id": [], "group": []}
+        frames, media_row, media_pos, media_frames = [], [], [], []
+        patches, pidx = [], np.full((B, T), -1, dtype=np.int64)
+        n_patches = 0
+        for b, row in enumerate(seqs):
+            off = 0
+            for k, (s, q) in enumerate(row):
+                n = len(q["ids"])
+                if off + n > T:
+                    raise AssertionError("row overflow: the plan and the lengths disagree")
+                ids[b, off : off + n] = q["ids"]
+                lab[b, off : off + n] = q["labels"]
+                att[b, off : off + n] = 1
+                pos[b, off : off + n] = np.arange(n)
+                seg[b, off : off + n] = k
+                cu.append(b * T + off + n)
+                out["sample_index"].append(self.index_row(s))
+                out["sample_id"].append(s.sample_id)
+                out["group"].append(s.group)
+                if self.is_fuyu:
+                    pidx[b, off : off + n] = [i + n_patches if i >= 0 else -1 for i in q["patch_idx"]]
+                    patches += q["patches"]
+                    n_patches += sum(len(p) for p in q["patches"])
+                else:
+                    for p, fr in zip(q["media_pos"], q["frames"]):
+                        media_row.append(b)
+                        media_pos.append(off + p)
+                        media_frames.append(len(fr))
+                        frames += fr
+                off += n
+            if off < T:
+                cu.append((b + 1) * T)  # the pad tail, a segment of its own
+        out.update(input_ids=ids, labels=lab, attention_mask=att, position_ids=pos, segment_ids=seg,
+                   cu_seqlens=np.asarray(cu, dtype=np.int32),
+                   sample_index=np.asarray(out["sample_index"], dtype=np.int64), skipped=skipped)
+        if self.is_fuyu:
+            dim = imgs.FUYU_PATCH * imgs.FUYU_PATCH * 3
+            out["image_patches"] = np.concatenate(patches) if patches else np.zeros((0, dim), np.float32)
+            out["image_patches_indices"] = pidx
+        else:
+            S = self.cfg.image_size
+            out["pixel_values"] = np.stack(frames) if frames else np.zeros((0, 3, S, S), np.float32)
+            out["media_row"] = np.asarray(media_row, dtype=np.int64)
+            out["media_pos"] = np.asarray(media_pos, dtype=np.int64)
+            out["media_frames"] = np.asarray(media_frames, dtype=np.int64)
         return out
+
+    def index_row(self, s: Sample) -> int:
+        return s.row
+
+
+def dense_media(batch: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Otter's model layout from the flat one: (B, M, F, 3, S, S) zero-padded, and (B, M) frame counts."""
+    B = batch["input_ids"].shape[0]
+    rows, counts = batch["media_row"], batch["media_frames"]
+    per_row = np.bincount(rows, minlength=B) if len(rows) else np.zeros(B, np.int64)
+    M, F = int(per_row.max(initial=0)), int(counts.max(initial=0))
+    S = batch["pixel_values"].shape[-1] if batch["pixel_values"].ndim == 4 else 224
+    out = np.zeros((B, M, F, 3, S, S), dtype=np.float32)
+    frames = np.zeros((B, M), dtype=np.int64)
+    slot = np.zeros(B, dtype=np.int64)
+    start = 0
+    for r, n in zip(rows.tolist(), counts.tolist()):
+        m = slot[r]
+        out[r, m, :n] = batch["pixel_values"][start : start + n]
+        frames[r, m] = n
+        slot[r] += 1
+        start += n
+    return out, frames
 
 
 def as_torch(batch: dict) -> dict:

@@ -1,0 +1,100 @@
+"""Batch planning: which samples go into which row of which batch, from token counts alone.
+
+Shared by both loaders (the native loader runs the same rules in rust/pack.rs; tests prove the plans are
+equal). Lengths are known before any pixel is decoded (text tokens + image tokens from header sizes), so a
+whole epoch is planned up front.
+
+- pack=False: consecutive `batch_size` samples of the order, one per row (pad-to-longest, Otter's batches).
+- pack=True: best-fit-decreasing over windows of `window` samples: within a window, samples are placed in
+  decreasing length (ties: earlier in the order first) into the open row with the least room that still
+  fits, else a new row of capacity `capacity`. Rows keep the window's order of creation; `batch_size` rows
+  make a batch (the last batch of the epoch may be short).
+- Ranks: batches are dealt round-robin, rank r takes batches r, r + world_size, ...; with `even=True` the
+  final batches that do not fill a round are dropped (counted), so that every rank runs the same number of
+  steps (a DDP requirement); the next epoch's new order drops different samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+
+@dataclass
+class LoaderConfig:
+    """Options shared by the reference and the native loader (same meaning, same defaults)."""
+
+    batch_size: int = 8  # rows per batch
+    seed: int = 0
+    pack: bool = True  # False: one sample per row, padded to the longest in the batch
+    capacity: int | None = None  # tokens per packed row; default: the index's max_seq_len
+    window: int = 1000  # best-fit-decreasing window, in samples
+    image_transform: str = "otter"  # "otter" (square bicubic resize) or "clip" (resize + centre crop)
+    image_size: int = 224
+    rank: int = 0
+    world_size: int = 1
+    even_batches: bool = True  # drop the last batches that do not fill a round of ranks
+    on_error: str = "raise"  # or "skip": leave out a sample whose image fails to decode, counted
+    num_threads: int = 0  # native only: 0 = all cores
+    prefetch: int = 4  # native only: batches decoded ahead
+    blob_window: int = 1024  # native only: images whose encoded bytes are read from the tables at once
+
+    @classmethod
+    def make(cls, config: "LoaderConfig | None" = None, **overrides) -> "LoaderConfig":
+        cfg = LoaderConfig(**{f.name: getattr(config, f.name) for f in fields(cls)}) if config else cls()
+        for k, v in overrides.items():
+            if not hasattr(cfg, k):
+                valid = ", ".join(f.name for f in fields(cls))
+                raise TypeError(f"unknown loader option {k!r}; valid: {valid}")
+            setattr(cfg, k, v)
+        if cfg.on_error not in ("raise", "skip"):
+            raise ValueError("on_error must be 'raise' or 'skip'")
+        if cfg.image_transform not in ("otter", "clip"):
+            raise ValueError("image_transform must be 'otter' or 'clip'")
+        if cfg.batch_size < 1 or cfg.window < 1:
+            raise ValueError("batch_size and window must be >= 1")
+        return cfg
+
+
+def plan_rows(lengths: list[int], order: list[int], capacity: int, window: int) -> list[list[int]]:
+    """Best-fit-decreasing packing of `order` (sample rows) into rows of `capacity` tokens."""
+    rows: list[list[int]] = []
+    for start in range(0, len(order), window):
+        chunk = order[start : start + window]
+        ranked = sorted(range(len(chunk)), key=lambda i: (-lengths[chunk[i]], i))
+        bins: list[list[int]] = []
+        room: list[int] = []
+        for i in ranked:
+            s = chunk[i]
+            n = lengths[s]
+            if n > capacity:
+                raise ValueError(f"sample row {s} has {n} tokens, more than the packing capacity {capacity}")
+            best, best_room = -1, capacity + 1
+            for b, r in enumerate(room):
+                if n <= r < best_room:
+                    best, best_room = b, r
+            if best < 0:
+                bins.append([s])
+                room.append(capacity - n)
+            else:
+                bins[best].append(s)
+                room[best] -= n
+        rows += bins
+    return rows
+
+
+def plan_batches(lengths: list[int], order: list[int], batch_size: int, pack: bool, capacity: int,
+                 window: int) -> list[list[list[int]]]:
+    """The epoch as batches of rows of sample rows."""
+    if pack:
+        rows = plan_rows(lengths, order, capacity, window)
+    else:
+        rows = [[s] for s in order]
+    return [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+
+
+def shard_batches(batches: list, rank: int, world_size: int, even: bool = True) -> tuple[list, int]:
+    """This rank's batches and how many batches the epoch dropped to keep ranks even."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} not in [0, {world_size})")
+    n = len(batches) - len(batches) % world_size if even else len(batches)
+    return batches[rank:n:world_size], len(batches) - n
