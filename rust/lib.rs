@@ -3,8 +3,14 @@
 //! This file only binds; each stage lives in its own module. Every function releases the GIL around
 //! its work and turns failures into Python exceptions or per-item error codes, never panics.
 
+pub mod decode;
 pub mod header;
+pub mod pack;
+pub mod pipeline;
 pub mod shard;
+pub mod transform;
+
+mod loader;
 
 use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::PyValueError;
@@ -130,5 +136,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(probe_images, m)?)?;
     m.add_function(wrap_pyfunction!(decode_base64, m)?)?;
     m.add_function(wrap_pyfunction!(probe_parquet_rows, m)?)?;
+    loader::register(m)?;
     Ok(())
 }

@@ -1,0 +1,87 @@
+//! Batch planning from token counts alone; the twin of python/otterfast/data/batching.py (same rules,
+//! same tie-breaking, tested equal).
+
+/// Best-fit-decreasing over windows of `window` samples: in decreasing length (ties: order), each sample
+/// goes to the open row with the least room that still fits, else a new row.
+pub fn plan_rows(lengths: &[u32], order: &[u32], capacity: u32, window: usize) -> Result<Vec<Vec<u32>>, String> {
+    let mut rows = Vec::new();
+    for chunk in order.chunks(window.max(1)) {
+        let mut ranked: Vec<usize> = (0..chunk.len()).collect();
+        ranked.sort_by_key(|&i| (std::cmp::Reverse(lengths[chunk[i] as usize]), i));
+        let mut bins: Vec<Vec<u32>> = Vec::new();
+        let mut room: Vec<u32> = Vec::new();
+        for i in ranked {
+            let s = chunk[i];
+            let n = lengths[s as usize];
+            if n > capacity {
+                return Err(format!("sample row {s} has {n} tokens, more than the packing capacity {capacity}"));
+            }
+            let mut best: Option<usize> = None;
+            let mut best_room = capacity + 1;
+            for (b, &r) in room.iter().enumerate() {
+                if n <= r && r < best_room {
+                    best = Some(b);
+                    best_room = r;
+                }
+            }
+            match best {
+                Some(b) => {
+                    bins[b].push(s);
+                    room[b] -= n;
+                }
+                None => {
+                    bins.push(vec![s]);
+                    room.push(capacity - n);
+                }
+            }
+        }
+        rows.extend(bins);
+    }
+    Ok(rows)
+}
+
+pub type Batch = Vec<Vec<u32>>;
+
+pub fn plan_batches(
+    lengths: &[u32],
+    order: &[u32],
+    batch_size: usize,
+    pack: bool,
+    capacity: u32,
+    window: usize,
+) -> Result<Vec<Batch>, String> {
+    let rows = if pack { plan_rows(lengths, order, capacity, window)? } else { order.iter().map(|&s| vec![s]).collect() };
+    Ok(rows.chunks(batch_size.max(1)).map(|c| c.to_vec()).collect())
+}
+
+/// Rank r takes batches r, r + world, ...; with `even`, the batches that do not fill a round are dropped.
+pub fn shard_batches(batches: Vec<Batch>, rank: usize, world: usize, even: bool) -> (Vec<Batch>, usize) {
+    let n = if even { batches.len() - batches.len() % world } else { batches.len() };
+    let dropped = batches.len() - n;
+    let mine = batches.into_iter().take(n).skip(rank).step_by(world).collect();
+    (mine, dropped)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn best_fit_decreasing() {
+        let lengths = [5, 3, 4, 2, 6, 1];
+        let order = [0, 1, 2, 3, 4, 5];
+        let rows = plan_rows(&lengths, &order, 7, 100).unwrap();
+        // 6 -> new; 5 -> new; 4 -> new; 3 -> row of 4 (room 3); 2 -> row of 5 (room 2); 1 -> row of 6 (room 1)
+        assert_eq!(rows, vec![vec![4, 5], vec![0, 3], vec![2, 1]]);
+        assert!(plan_rows(&lengths, &order, 5, 100).is_err());
+    }
+
+    #[test]
+    fn shards_even() {
+        let batches: Vec<Batch> = (0..7).map(|i| vec![vec![i]]).collect();
+        let (a, d) = shard_batches(batches.clone(), 1, 3, true);
+        assert_eq!((a, d), (vec![vec![vec![1]], vec![vec![4]]], 1));
+        let (b, d) = shard_batches(batches, 0, 3, false);
+        assert_eq!((b.len(), d), (3, 0));
+    }
+}

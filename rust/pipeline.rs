@@ -1,0 +1,461 @@
+//! The loader's engine: a producer thread that reads encoded images from the tables (a window of images
+//! at a time, row group by row group), decodes and transforms them on its own rayon pool, assembles
+//! model-ready batches and hands them over through a bounded queue. Knows nothing of Python or torch.
+//!
+//! The batch layout is the reference loader's (python/otterfast/data/reference.py), field for field.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use rayon::prelude::*;
+
+use crate::decode::{decode_rgb, decode_rgb_base64, Rgb};
+use crate::pack::Batch;
+use crate::shard;
+use crate::transform;
+
+pub struct Source {
+    pub json: bool,
+    pub files: Vec<String>,
+    pub column: String,
+    pub base64: bool,
+}
+
+/// The prepared index, flattened (offset arrays delimit each sample's / media's slice).
+pub struct IndexData {
+    pub tok_off: Vec<usize>,
+    pub tokens: Vec<i32>,
+    pub span_off: Vec<usize>,
+    pub spans: Vec<i32>,
+    pub mpos_off: Vec<usize>,
+    pub mpos: Vec<i32>,
+    pub media_off: Vec<usize>,
+    pub media_img_off: Vec<usize>,
+    pub media_imgs: Vec<u32>,
+    pub datasets: Vec<String>,
+    pub img_source: Vec<u32>,
+    pub img_file: Vec<u32>,
+    pub img_rg: Vec<u32>,
+    pub img_row: Vec<u32>,
+    pub img_off: Vec<i64>,
+    pub img_len: Vec<i64>,
+    pub img_ids: Vec<String>,
+    pub sources: Vec<Source>,
+}
+
+impl IndexData {
+    fn tokens(&self, s: usize) -> &[i32] {
+        &self.tokens[self.tok_off[s]..self.tok_off[s + 1]]
+    }
+    fn spans(&self, s: usize) -> &[i32] {
+        &self.spans[self.span_off[s]..self.span_off[s + 1]]
+    }
+    fn media_pos(&self, s: usize) -> &[i32] {
+        &self.mpos[self.mpos_off[s]..self.mpos_off[s + 1]]
+    }
+    /// The images of each media of sample `s`.
+    fn media(&self, s: usize) -> impl Iterator<Item = &[u32]> {
+        (self.media_off[s]..self.media_off[s + 1])
+            .map(move |m| &self.media_imgs[self.media_img_off[m]..self.media_img_off[m + 1]])
+    }
+}
+
+#[derive(Clone)]
+pub struct Config {
+    pub fuyu: bool,
+    pub pad_id: i64,
+    pub placeholder_id: i64,
+    pub newline_id: i64,
+    pub fuyu_max_h: u32,
+    pub fuyu_max_w: u32,
+    pub clip: bool,
+    pub image_size: u32,
+    pub pack: bool,
+    pub capacity: u32,
+    pub skip_errors: bool,
+    pub num_threads: usize,
+    pub prefetch: usize,
+    pub blob_window: usize,
+}
+
+#[derive(Default)]
+pub struct BatchOut {
+    pub rows: usize,
+    pub cols: usize,
+    pub input_ids: Vec<i64>,
+    pub labels: Vec<i64>,
+    pub attention_mask: Vec<i64>,
+    pub position_ids: Vec<i64>,
+    pub segment_ids: Vec<i32>,
+    pub cu_seqlens: Vec<i32>,
+    pub sample_index: Vec<i64>,
+    pub pixel_values: Vec<f32>,
+    pub n_frames: usize,
+    pub media_row: Vec<i64>,
+    pub media_pos: Vec<i64>,
+    pub media_frames: Vec<i64>,
+    pub image_patches: Vec<f32>,
+    pub n_patches: usize,
+    pub image_patches_indices: Vec<i64>,
+    pub skipped: usize,
+}
+
+/// A decoded, transformed image: Otter/CLIP pixels (3*S*S) or Fuyu patches with their grid.
+enum Pixels {
+    Otter(Vec<f32>),
+    Fuyu(Vec<f32>, usize, usize),
+}
+
+type Blobs = HashMap<u32, Result<Vec<u8>, String>>;
+
+fn image_error(ix: &IndexData, img: u32, sample: Option<usize>, msg: &str) -> String {
+    let i = img as usize;
+    let src = &ix.sources[ix.img_source[i] as usize];
+    let file = &src.files[ix.img_file[i] as usize];
+    let ds = sample.map(|s| format!("dataset {}: ", ix.datasets[s])).unwrap_or_default();
+    format!("{file}: {ds}image id {:?}: cannot decode: {msg}", ix.img_ids[i])
+}
+
+/// Read the encoded bytes of `images` (sorted, unique): each parquet row group once, JSON by byte range.
+fn read_blobs(ix: &IndexData, images: &[u32], pool: &rayon::ThreadPool) -> Blobs {
+    let mut groups: HashMap<(u32, u32, u32), Vec<u32>> = HashMap::new();
+    for &img in images {
+        let i = img as usize;
+        groups.entry((ix.img_source[i], ix.img_file[i], ix.img_rg[i])).or_default().push(img);
+    }
+    let groups: Vec<_> = groups.into_iter().collect();
+    let parts: Vec<Vec<(u32, Result<Vec<u8>, String>)>> = pool.install(|| {
+        groups
+            .par_iter()
+            .map(|((source, file, rg), imgs)| {
+                let src = &ix.sources[*source as usize];
+                let path = &src.files[*file as usize];
+                if src.json {
+                    return imgs.iter().map(|&img| (img, read_range(path, ix, img))).collect();
+                }
+                let mut imgs = imgs.clone();
+                imgs.sort_by_key(|&img| ix.img_row[img as usize]);
+                let rows: Vec<usize> = imgs.iter().map(|&img| ix.img_row[img as usize] as usize).collect();
+                let mut out: Vec<(u32, Result<Vec<u8>, String>)> = Vec::with_capacity(imgs.len());
+                let mut k = 0usize;
+                let res = shard::for_each_row(path, &src.column, *rg as usize, &rows, |_row, value| {
+                    let blob = value.map(|v| v.to_vec()).ok_or_else(|| "image bytes are null".to_string());
+                    out.push((imgs[k], blob));
+                    k += 1;
+                });
+                if let Err(e) = res {
+                    return imgs.iter().map(|&img| (img, Err(e.to_string()))).collect();
+                }
+                out
+            })
+            .collect()
+    });
+    parts.into_iter().flatten().collect()
+}
+
+fn read_range(path: &str, ix: &IndexData, img: u32) -> Result<Vec<u8>, String> {
+    use std::os::unix::fs::FileExt;
+    let (off, len) = (ix.img_off[img as usize], ix.img_len[img as usize]);
+    let f = File::open(path).map_err(|e| format!("{path}: {e}"))?;
+    let mut buf = vec![0u8; len as usize];
+    f.read_exact_at(&mut buf, off as u64).map_err(|e| format!("{path}: {e}"))?;
+    if buf.contains(&b'\\') {
+        // JSON escapes inside a base64 string (e.g. "\/"): undo them; base64 never needs any.
+        let mut out = Vec::with_capacity(buf.len());
+        let mut it = buf.iter();
+        while let Some(&b) = it.next() {
+            if b == b'\\' {
+                match it.next() {
+                    Some(b'n') | Some(b'r') | Some(b't') => {}
+                    Some(&c) => out.push(c),
+                    None => {}
+                }
+            } else {
+                out.push(b);
+            }
+        }
+        return Ok(out);
+    }
+    Ok(buf)
+}
+
+fn decode_one(ix: &IndexData, cfg: &Config, img: u32, blob: &[u8]) -> Result<Pixels, String> {
+    let src = &ix.sources[ix.img_source[img as usize] as usize];
+    let rgb: Rgb = if src.base64 { decode_rgb_base64(blob)? } else { decode_rgb(blob)? };
+    let mut out = Vec::new();
+    if cfg.fuyu {
+        let (r, c) = transform::fuyu_patches(&rgb, cfg.fuyu_max_h, cfg.fuyu_max_w, &mut out)?;
+        Ok(Pixels::Fuyu(out, r, c))
+    } else if cfg.clip {
+        transform::clip_pixels(&rgb, cfg.image_size, &mut out)?;
+        Ok(Pixels::Otter(out))
+    } else {
+        transform::otter_pixels(&rgb, cfg.image_size, &mut out)?;
+        Ok(Pixels::Otter(out))
+    }
+}
+
+/// One sample's sequence (Fuyu image tokens inserted) and its media, or the error of its first bad image.
+struct Seq {
+    ids: Vec<i64>,
+    labels: Vec<i64>,
+    patch_idx: Vec<i64>,
+    media_pos: Vec<i64>,
+    media_frames: Vec<i64>,
+    pixels: Vec<f32>,
+    n_frames: usize,
+    patches: Vec<f32>,
+    n_patches: usize,
+}
+
+fn sample_seq(ix: &IndexData, cfg: &Config, s: usize, px: &HashMap<u32, Result<Pixels, String>>) -> Result<Seq, String> {
+    let toks = ix.tokens(s);
+    let mut labels = vec![-100i64; toks.len()];
+    for sp in ix.spans(s).chunks_exact(2) {
+        for t in sp[0] as usize..sp[1] as usize {
+            labels[t] = toks[t] as i64;
+        }
+    }
+    let mut seq = Seq {
+        ids: Vec::with_capacity(toks.len()),
+        labels: Vec::new(),
+        patch_idx: Vec::new(),
+        media_pos: Vec::new(),
+        media_frames: Vec::new(),
+        pixels: Vec::new(),
+        n_frames: 0,
+        patches: Vec::new(),
+        n_patches: 0,
+    };
+    let get = |img: u32| -> Result<&Pixels, String> {
+        match px.get(&img) {
+            Some(Ok(p)) => Ok(p),
+            Some(Err(e)) => Err(image_error(ix, img, Some(s), e)),
+            None => Err(image_error(ix, img, Some(s), "internal: image not decoded")),
+        }
+    };
+    if !cfg.fuyu {
+        seq.ids = toks.iter().map(|&t| t as i64).collect();
+        seq.labels = labels;
+        for (p, media) in ix.media_pos(s).iter().zip(ix.media(s)) {
+            seq.media_pos.push(*p as i64);
+            seq.media_frames.push(media.len() as i64);
+            for &img in media {
+                match get(img)? {
+                    Pixels::Otter(v) => seq.pixels.extend_from_slice(v),
+                    Pixels::Fuyu(..) => unreachable!(),
+                }
+                seq.n_frames += 1;
+            }
+        }
+        return Ok(seq);
+    }
+    let mpos = ix.media_pos(s);
+    let media: Vec<&[u32]> = ix.media(s).collect();
+    for t in 0..=toks.len() {
+        for (m, &p) in mpos.iter().enumerate() {
+            if p as usize != t {
+                continue;
+            }
+            for &img in media[m] {
+                let (v, rows, cols) = match get(img)? {
+                    Pixels::Fuyu(v, r, c) => (v, *r, *c),
+                    Pixels::Otter(_) => unreachable!(),
+                };
+                for r in 0..rows {
+                    for c in 0..cols {
+                        seq.ids.push(cfg.placeholder_id);
+                        seq.labels.push(-100);
+                        seq.patch_idx.push((seq.n_patches + r * cols + c) as i64);
+                    }
+                    seq.ids.push(cfg.newline_id);
+                    seq.labels.push(-100);
+                    seq.patch_idx.push(-1);
+                }
+                seq.patches.extend_from_slice(v);
+                seq.n_patches += rows * cols;
+            }
+        }
+        if t < toks.len() {
+            seq.ids.push(toks[t] as i64);
+            seq.labels.push(labels[t]);
+            seq.patch_idx.push(-1);
+        }
+    }
+    Ok(seq)
+}
+
+fn build_batch(ix: &IndexData, cfg: &Config, batch: &Batch, blobs: &Blobs, pool: &rayon::ThreadPool) -> Result<BatchOut, String> {
+    let mut imgs: Vec<u32> = batch
+        .iter()
+        .flatten()
+        .flat_map(|&s| ix.media(s as usize).flatten().copied().collect::<Vec<_>>())
+        .collect();
+    imgs.sort_unstable();
+    imgs.dedup();
+    let px: HashMap<u32, Result<Pixels, String>> = pool.install(|| {
+        imgs.par_iter()
+            .map(|&img| {
+                let r = match blobs.get(&img) {
+                    Some(Ok(b)) => decode_one(ix, cfg, img, b),
+                    Some(Err(e)) => Err(e.clone()),
+                    None => Err("internal: image bytes not read".to_string()),
+                };
+                (img, r)
+            })
+            .collect()
+    });
+    let mut seqs: Vec<Vec<(u32, Seq)>> = Vec::with_capacity(batch.len());
+    let mut out = BatchOut::default();
+    for row in batch {
+        let mut kept = Vec::with_capacity(row.len());
+        for &s in row {
+            match sample_seq(ix, cfg, s as usize, &px) {
+                Ok(q) => kept.push((s, q)),
+                Err(e) if cfg.skip_errors => {
+                    let _ = e;
+                    out.skipped += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        seqs.push(kept);
+    }
+    let b_rows = batch.len();
+    let width = if cfg.pack {
+        cfg.capacity as usize
+    } else {
+        seqs.iter().map(|r| r.iter().map(|(_, q)| q.ids.len()).sum::<usize>()).max().unwrap_or(0).max(1)
+    };
+    out.rows = b_rows;
+    out.cols = width;
+    let n = b_rows * width;
+    out.input_ids = vec![cfg.pad_id; n];
+    out.labels = vec![-100; n];
+    out.attention_mask = vec![0; n];
+    out.position_ids = vec![0; n];
+    out.segment_ids = vec![-1; n];
+    if cfg.fuyu {
+        out.image_patches_indices = vec![-1; n];
+    }
+    out.cu_seqlens.push(0);
+    for (b, row) in seqs.into_iter().enumerate() {
+        let mut off = 0usize;
+        for (k, (s, q)) in row.into_iter().enumerate() {
+            let len = q.ids.len();
+            if off + len > width {
+                return Err(format!("internal: row overflow ({} > {width})", off + len));
+            }
+            let base = b * width + off;
+            out.input_ids[base..base + len].copy_from_slice(&q.ids);
+            out.labels[base..base + len].copy_from_slice(&q.labels);
+            for t in 0..len {
+                out.attention_mask[base + t] = 1;
+                out.position_ids[base + t] = t as i64;
+                out.segment_ids[base + t] = k as i32;
+            }
+            out.cu_seqlens.push((base + len) as i32);
+            out.sample_index.push(s as i64);
+            if cfg.fuyu {
+                for t in 0..len {
+                    let p = q.patch_idx[t];
+                    out.image_patches_indices[base + t] = if p >= 0 { p + out.n_patches as i64 } else { -1 };
+                }
+                out.image_patches.extend_from_slice(&q.patches);
+                out.n_patches += q.n_patches;
+            } else {
+                for (p, f) in q.media_pos.iter().zip(&q.media_frames) {
+                    out.media_row.push(b as i64);
+                    out.media_pos.push(off as i64 + p);
+                    out.media_frames.push(*f);
+                }
+                out.pixel_values.extend_from_slice(&q.pixels);
+                out.n_frames += q.n_frames;
+            }
+            off += len;
+        }
+        if off < width {
+            out.cu_seqlens.push(((b + 1) * width) as i32);
+        }
+    }
+    Ok(out)
+}
+
+fn produce(ix: &IndexData, cfg: &Config, batches: Vec<Batch>, tx: &SyncSender<Result<BatchOut, String>>) {
+    let threads = if cfg.num_threads == 0 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) } else { cfg.num_threads };
+    let pool = match rayon::ThreadPoolBuilder::new().num_threads(threads).build() {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = tx.send(Err(format!("cannot start the loader's threads: {e}")));
+            return;
+        }
+    };
+    let mut start = 0usize;
+    while start < batches.len() {
+        // A window of batches whose images are read from the tables together (each row group once).
+        let mut end = start;
+        let mut imgs: Vec<u32> = Vec::new();
+        while end < batches.len() && (end == start || imgs.len() < cfg.blob_window) {
+            for &s in batches[end].iter().flatten() {
+                imgs.extend(ix.media(s as usize).flatten().copied());
+            }
+            end += 1;
+        }
+        imgs.sort_unstable();
+        imgs.dedup();
+        let blobs = read_blobs(ix, &imgs, &pool);
+        for batch in &batches[start..end] {
+            let res = build_batch(ix, cfg, batch, &blobs, &pool);
+            let failed = res.is_err();
+            if tx.send(res).is_err() || failed {
+                return; // the consumer went away, or we reported an error and stop
+            }
+        }
+        start = end;
+    }
+}
+
+/// A running epoch: the producer thread and the receiving end of its queue.
+pub struct Running {
+    pub rx: Option<Receiver<Result<BatchOut, String>>>,
+    pub handle: Option<JoinHandle<()>>,
+}
+
+pub fn spawn(ix: Arc<IndexData>, cfg: Arc<Config>, batches: Vec<Batch>) -> Running {
+    let (tx, rx) = sync_channel(cfg.prefetch.max(1));
+    let handle = std::thread::Builder::new()
+        .name("otterfast-loader".into())
+        .spawn(move || {
+            let r = catch_unwind(AssertUnwindSafe(|| produce(&ix, &cfg, batches, &tx)));
+            if r.is_err() {
+                let _ = tx.send(Err("internal error: the loader thread panicked".into()));
+            }
+        })
+        .expect("spawn loader thread");
+    Running { rx: Some(rx), handle: Some(handle) }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.rx.take(); // the producer's next send fails and it exits
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// For tests and the CLI: decode + transform one encoded image.
+pub fn transform_one(blob: &[u8], is_base64: bool, mode: &str, size: u32, max_h: u32, max_w: u32) -> Result<(Vec<f32>, usize, usize), String> {
+    let rgb = if is_base64 { decode_rgb_base64(blob)? } else { decode_rgb(blob)? };
+    let mut out = Vec::new();
+    match mode {
+        "otter" => transform::otter_pixels(&rgb, size, &mut out).map(|_| (out, 0, 0)),
+        "clip" => transform::clip_pixels(&rgb, size, &mut out).map(|_| (out, 0, 0)),
+        "fuyu" => transform::fuyu_patches(&rgb, max_h, max_w, &mut out).map(|(r, c)| (out, r, c)),
+        _ => Err(format!("unknown mode {mode:?}")),
+    }
+}

@@ -1,0 +1,151 @@
+//! RGB -> model pixels: Otter's 224 squash, the CLIP resize + centre crop, Fuyu's 30x30 patches.
+//!
+//! Resizing is fast_image_resize's convolution, the same algorithm as Pillow's resample (CatmullRom is
+//! Pillow's BICUBIC, a = -0.5; Bilinear is Pillow's BILINEAR, both with support scaled when shrinking),
+//! on 8-bit pixels as Pillow does; normalisation is then done in f32 exactly as the numpy reference
+//! (`x as f32 / 255`, then `(x - mean) / std`).
+
+use fast_image_resize::images::Image;
+use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
+
+use crate::decode::Rgb;
+
+pub const FLAMINGO_MEAN: [f32; 3] = [0.481, 0.458, 0.408];
+pub const FLAMINGO_STD: [f32; 3] = [0.269, 0.261, 0.276];
+pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
+pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
+pub const FUYU_PATCH: usize = 30;
+
+pub fn resize(img: &Rgb, width: u32, height: u32, filter: FilterType) -> Result<Rgb, String> {
+    if (img.width, img.height) == (width, height) {
+        return Ok(img.clone());
+    }
+    let src = Image::from_vec_u8(img.width, img.height, img.data.clone(), PixelType::U8x3)
+        .map_err(|e| format!("resize: {e}"))?;
+    let mut dst = Image::new(width, height, PixelType::U8x3);
+    let mut resizer = Resizer::new();
+    resizer
+        .resize(&src, &mut dst, &ResizeOptions::new().resize_alg(ResizeAlg::Convolution(filter)))
+        .map_err(|e| format!("resize: {e}"))?;
+    Ok(Rgb { width, height, data: dst.into_vec() })
+}
+
+/// HWC u8 -> CHW f32, normalised; appended to `out`.
+fn normalise_chw(img: &Rgb, mean: [f32; 3], std: [f32; 3], out: &mut Vec<f32>) {
+    let n = (img.width * img.height) as usize;
+    let base = out.len();
+    out.resize(base + 3 * n, 0.0);
+    for c in 0..3 {
+        let plane = &mut out[base + c * n..base + (c + 1) * n];
+        for (i, v) in plane.iter_mut().enumerate() {
+            let x = img.data[i * 3 + c] as f32 / 255.0;
+            *v = (x - mean[c]) / std[c];
+        }
+    }
+}
+
+/// Otter's training transform: Resize((size, size), BICUBIC), ToTensor, Normalize(FLAMINGO stats).
+pub fn otter_pixels(img: &Rgb, size: u32, out: &mut Vec<f32>) -> Result<(), String> {
+    let r = resize(img, size, size, FilterType::CatmullRom)?;
+    normalise_chw(&r, FLAMINGO_MEAN, FLAMINGO_STD, out);
+    Ok(())
+}
+
+/// CLIPImageProcessor: shortest edge -> size (bicubic, long side truncated), centre crop, CLIP stats.
+pub fn clip_pixels(img: &Rgb, size: u32, out: &mut Vec<f32>) -> Result<(), String> {
+    let (w, h) = (img.width as u64, img.height as u64);
+    let (short, long) = if w <= h { (w, h) } else { (h, w) };
+    // Python's int(size * long / short): an exact integer product, one correctly rounded division.
+    let new_long = ((size as u64 * long) as f64 / short as f64) as u32;
+    let (nw, nh) = if w <= h { (size, new_long) } else { (new_long, size) };
+    let r = resize(img, nw, nh, FilterType::CatmullRom)?;
+    let top = ((nh - size) / 2) as usize;
+    let left = ((nw - size) / 2) as usize;
+    let s = size as usize;
+    let mut crop = Vec::with_capacity(s * s * 3);
+    for y in 0..s {
+        let row = (top + y) * nw as usize * 3;
+        crop.extend_from_slice(&r.data[row + left * 3..row + (left + s) * 3]);
+    }
+    normalise_chw(&Rgb { width: size, height: size, data: crop }, CLIP_MEAN, CLIP_STD, out);
+    Ok(())
+}
+
+/// FuyuImageProcessor's resize rule: shrink to fit keeping the aspect ratio, never upscale.
+pub fn fuyu_resized_size(height: u32, width: u32, max_h: u32, max_w: u32) -> (u32, u32) {
+    if height <= max_h && width <= max_w {
+        return (height, width);
+    }
+    let s = f64::min(max_h as f64 / height as f64, max_w as f64 / width as f64);
+    ((height as f64 * s) as u32, (width as f64 * s) as u32)
+}
+
+/// (patch rows, patch columns) for an image of this original size.
+pub fn fuyu_grid(height: u32, width: u32, max_h: u32, max_w: u32) -> (usize, usize) {
+    let (h, w) = fuyu_resized_size(height, width, max_h, max_w);
+    ((h as usize).div_ceil(FUYU_PATCH), (w as usize).div_ceil(FUYU_PATCH))
+}
+
+/// Fuyu patches appended to `out` as (rows*cols, 30*30*3) f32 in [-1, 1], raster order, each patch flattened
+/// (patch_h, patch_w, channel); the padding (bottom/right, to a multiple of 30) is 1.0 on the 0..255 scale.
+pub fn fuyu_patches(img: &Rgb, max_h: u32, max_w: u32, out: &mut Vec<f32>) -> Result<(usize, usize), String> {
+    let (nh, nw) = fuyu_resized_size(img.height, img.width, max_h, max_w);
+    let resized;
+    let img = if (nh, nw) != (img.height, img.width) {
+        resized = resize(img, nw, nh, FilterType::Bilinear)?;
+        &resized
+    } else {
+        img
+    };
+    let (h, w) = (nh as usize, nw as usize);
+    let (rows, cols) = (h.div_ceil(FUYU_PATCH), w.div_ceil(FUYU_PATCH));
+    let pad = (1.0f32 * (1.0f32 / 255.0) - 0.5) / 0.5;
+    let mut lut = [0f32; 256];
+    for (v, o) in lut.iter_mut().enumerate() {
+        *o = (v as f32 * (1.0f32 / 255.0) - 0.5) / 0.5;
+    }
+    let base = out.len();
+    out.resize(base + rows * cols * FUYU_PATCH * FUYU_PATCH * 3, pad);
+    let mut k = base;
+    for pr in 0..rows {
+        for pc in 0..cols {
+            for y in pr * FUYU_PATCH..(pr + 1) * FUYU_PATCH {
+                for x in pc * FUYU_PATCH..(pc + 1) * FUYU_PATCH {
+                    if y < h && x < w {
+                        let i = (y * w + x) * 3;
+                        out[k] = lut[img.data[i] as usize];
+                        out[k + 1] = lut[img.data[i + 1] as usize];
+                        out[k + 2] = lut[img.data[i + 2] as usize];
+                    }
+                    k += 3;
+                }
+            }
+        }
+    }
+    Ok((rows, cols))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fuyu_counts() {
+        // otter-reference 4.2 token table: rows * cols + rows
+        for (side, n) in [(224u32, 72usize), (448, 240), (512, 342), (768, 702), (1080, 1332)] {
+            let (r, c) = fuyu_grid(side, side, 1080, 1920);
+            assert_eq!(r * c + r, n);
+        }
+        assert_eq!(fuyu_resized_size(2160, 1000, 1080, 1920), (1080, 500));
+    }
+
+    #[test]
+    fn fuyu_padding_value() {
+        let img = Rgb { width: 1, height: 1, data: vec![255, 0, 255] };
+        let mut out = Vec::new();
+        assert_eq!(fuyu_patches(&img, 1080, 1920, &mut out).unwrap(), (1, 1));
+        assert_eq!(out.len(), 2700);
+        assert_eq!(&out[..3], &[1.0, -1.0, 1.0]);
+        assert!((out[3] - (1.0 / 255.0 - 0.5) / 0.5).abs() < 1e-7);
+    }
+}
