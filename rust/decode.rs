@@ -50,7 +50,11 @@ pub fn decode_rgb_base64(text: &[u8]) -> Result<Rgb, String> {
 fn to_rgb_like_pil(img: DynamicImage) -> Rgb {
     let (width, height) = (img.width(), img.height());
     let data = match img {
-        DynamicImage::ImageLuma16(g) => g.into_raw().into_iter().flat_map(|v| [v.min(255) as u8; 3]).collect(),
+        DynamicImage::ImageLuma16(g) => g
+            .into_raw()
+            .into_iter()
+            .flat_map(|v| [v.min(255) as u8; 3])
+            .collect(),
         DynamicImage::ImageLumaA16(g) => g
             .into_raw()
             .chunks_exact(2)
@@ -64,9 +68,12 @@ fn to_rgb_like_pil(img: DynamicImage) -> Rgb {
             .collect(),
         other => other.into_rgb8().into_raw(),
     };
-    Rgb { width, height, data }
+    Rgb {
+        width,
+        height,
+        data,
+    }
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -75,9 +82,11 @@ mod tests {
 
     #[test]
     fn png_roundtrip_exact() {
-        let img = image::RgbImage::from_fn(5, 3, |x, y| image::Rgb([x as u8 * 40, y as u8 * 80, 7]));
+        let img =
+            image::RgbImage::from_fn(5, 3, |x, y| image::Rgb([x as u8 * 40, y as u8 * 80, 7]));
         let mut buf = Vec::new();
-        img.write_to(&mut Cursor::new(&mut buf), ImageFormat::Png).unwrap();
+        img.write_to(&mut Cursor::new(&mut buf), ImageFormat::Png)
+            .unwrap();
         let out = decode_rgb(&buf).unwrap();
         assert_eq!((out.width, out.height), (5, 3));
         assert_eq!(out.data, img.into_raw());

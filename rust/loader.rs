@@ -52,7 +52,9 @@ impl PyNativeLoader {
         sources: Vec<(bool, Vec<String>, String, bool)>,
         options: &Bound<'_, PyDict>,
     ) -> PyResult<Self> {
-        let u32v = |a: PyReadonlyArray1<'_, i32>| -> PyResult<Vec<u32>> { Ok(a.as_slice()?.iter().map(|&x| x as u32).collect()) };
+        let u32v = |a: PyReadonlyArray1<'_, i32>| -> PyResult<Vec<u32>> {
+            Ok(a.as_slice()?.iter().map(|&x| x as u32).collect())
+        };
         let index = IndexData {
             tok_off: offsets(tok_off)?,
             tokens: tokens.as_slice()?.to_vec(),
@@ -73,18 +75,33 @@ impl PyNativeLoader {
             img_ids,
             sources: sources
                 .into_iter()
-                .map(|(json, files, column, base64)| Source { json, files, column, base64 })
+                .map(|(json, files, column, base64)| Source {
+                    json,
+                    files,
+                    column,
+                    base64,
+                })
                 .collect(),
         };
         let n = index.datasets.len();
-        for (name, v) in [("tok_off", &index.tok_off), ("span_off", &index.span_off), ("mpos_off", &index.mpos_off),
-                          ("media_off", &index.media_off)] {
+        for (name, v) in [
+            ("tok_off", &index.tok_off),
+            ("span_off", &index.span_off),
+            ("mpos_off", &index.mpos_off),
+            ("media_off", &index.media_off),
+        ] {
             if v.len() != n + 1 {
-                return Err(PyValueError::new_err(format!("{name}: expected {} offsets, got {}", n + 1, v.len())));
+                return Err(PyValueError::new_err(format!(
+                    "{name}: expected {} offsets, got {}",
+                    n + 1,
+                    v.len()
+                )));
             }
         }
         let get = |k: &str| -> PyResult<Bound<'_, PyAny>> {
-            options.get_item(k)?.ok_or_else(|| PyValueError::new_err(format!("missing option {k:?}")))
+            options
+                .get_item(k)?
+                .ok_or_else(|| PyValueError::new_err(format!("missing option {k:?}")))
         };
         let cfg = Config {
             fuyu: get("fuyu")?.extract()?,
@@ -102,7 +119,11 @@ impl PyNativeLoader {
             prefetch: get("prefetch")?.extract()?,
             blob_window: get("blob_window")?.extract()?,
         };
-        Ok(Self { index: Arc::new(index), cfg: Arc::new(cfg), running: std::sync::Mutex::new(None) })
+        Ok(Self {
+            index: Arc::new(index),
+            cfg: Arc::new(cfg),
+            running: std::sync::Mutex::new(None),
+        })
     }
 
     /// Start producing `batches` (batches of rows of index sample rows) on a fresh thread and pool.
@@ -110,12 +131,18 @@ impl PyNativeLoader {
     fn start(&mut self, py: Python<'_>, batches: Vec<Vec<Vec<u32>>>) -> PyResult<()> {
         let n = self.index.datasets.len() as u32;
         if let Some(bad) = batches.iter().flatten().flatten().find(|&&s| s >= n) {
-            return Err(PyValueError::new_err(format!("sample row {bad} out of range ({n} samples)")));
+            return Err(PyValueError::new_err(format!(
+                "sample row {bad} out of range ({n} samples)"
+            )));
         }
         let slot = self.running.get_mut().unwrap_or_else(|p| p.into_inner());
         let old = slot.take();
         py.detach(move || drop(old));
-        *slot = Some(pipeline::spawn(self.index.clone(), self.cfg.clone(), batches));
+        *slot = Some(pipeline::spawn(
+            self.index.clone(),
+            self.cfg.clone(),
+            batches,
+        ));
         Ok(())
     }
 
@@ -124,8 +151,12 @@ impl PyNativeLoader {
         let fuyu = self.cfg.fuyu;
         let size = self.cfg.image_size as usize;
         let slot = self.running.get_mut().unwrap_or_else(|p| p.into_inner());
-        let Some(running) = slot.as_mut() else { return Ok(None) };
-        let Some(rx) = running.rx.take() else { return Ok(None) };
+        let Some(running) = slot.as_mut() else {
+            return Ok(None);
+        };
+        let Some(rx) = running.rx.take() else {
+            return Ok(None);
+        };
         let (rx, got) = py.detach(move || {
             let got = rx.recv();
             (rx, got)
@@ -146,7 +177,11 @@ impl PyNativeLoader {
 
     /// Stop the running epoch, if any (joins the producer thread).
     fn stop(&mut self, py: Python<'_>) {
-        let old = self.running.get_mut().unwrap_or_else(|p| p.into_inner()).take();
+        let old = self
+            .running
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         py.detach(move || drop(old));
     }
 }
@@ -156,17 +191,39 @@ fn to_dict(py: Python<'_>, b: BatchOut, fuyu: bool, size: usize) -> PyResult<Py<
     let (r, c) = (b.rows, b.cols);
     d.set_item("input_ids", b.input_ids.into_pyarray(py).reshape([r, c])?)?;
     d.set_item("labels", b.labels.into_pyarray(py).reshape([r, c])?)?;
-    d.set_item("attention_mask", b.attention_mask.into_pyarray(py).reshape([r, c])?)?;
-    d.set_item("position_ids", b.position_ids.into_pyarray(py).reshape([r, c])?)?;
-    d.set_item("segment_ids", b.segment_ids.into_pyarray(py).reshape([r, c])?)?;
+    d.set_item(
+        "attention_mask",
+        b.attention_mask.into_pyarray(py).reshape([r, c])?,
+    )?;
+    d.set_item(
+        "position_ids",
+        b.position_ids.into_pyarray(py).reshape([r, c])?,
+    )?;
+    d.set_item(
+        "segment_ids",
+        b.segment_ids.into_pyarray(py).reshape([r, c])?,
+    )?;
     d.set_item("cu_seqlens", b.cu_seqlens.into_pyarray(py))?;
     d.set_item("sample_index", b.sample_index.into_pyarray(py))?;
     d.set_item("skipped", b.skipped)?;
     if fuyu {
-        d.set_item("image_patches", b.image_patches.into_pyarray(py).reshape([b.n_patches, 2700])?)?;
-        d.set_item("image_patches_indices", b.image_patches_indices.into_pyarray(py).reshape([r, c])?)?;
+        d.set_item(
+            "image_patches",
+            b.image_patches
+                .into_pyarray(py)
+                .reshape([b.n_patches, 2700])?,
+        )?;
+        d.set_item(
+            "image_patches_indices",
+            b.image_patches_indices.into_pyarray(py).reshape([r, c])?,
+        )?;
     } else {
-        d.set_item("pixel_values", b.pixel_values.into_pyarray(py).reshape([b.n_frames, 3, size, size])?)?;
+        d.set_item(
+            "pixel_values",
+            b.pixel_values
+                .into_pyarray(py)
+                .reshape([b.n_frames, 3, size, size])?,
+        )?;
         d.set_item("media_row", b.media_row.into_pyarray(py))?;
         d.set_item("media_pos", b.media_pos.into_pyarray(py))?;
         d.set_item("media_frames", b.media_frames.into_pyarray(py))?;
@@ -191,10 +248,15 @@ fn plan_batches(
     even: bool,
 ) -> PyResult<(Vec<pack::Batch>, usize)> {
     if world_size == 0 || rank >= world_size {
-        return Err(PyValueError::new_err(format!("rank {rank} not in [0, {world_size})")));
+        return Err(PyValueError::new_err(format!(
+            "rank {rank} not in [0, {world_size})"
+        )));
     }
     if let Some(&bad) = order.iter().find(|&&s| s as usize >= lengths.len()) {
-        return Err(PyValueError::new_err(format!("sample row {bad} out of range ({} samples)", lengths.len())));
+        return Err(PyValueError::new_err(format!(
+            "sample row {bad} out of range ({} samples)",
+            lengths.len()
+        )));
     }
     py.detach(move || {
         let batches = pack::plan_batches(&lengths, &order, batch_size, pack, capacity, window)
@@ -220,7 +282,10 @@ fn transform_image(
         .detach(move || pipeline::transform_one(&data, is_base64, &mode, size, max_h, max_w))
         .map_err(PyValueError::new_err)?;
     let arr = if r > 0 {
-        v.into_pyarray(py).reshape([r * c, 2700])?.into_any().unbind()
+        v.into_pyarray(py)
+            .reshape([r * c, 2700])?
+            .into_any()
+            .unbind()
     } else {
         let s = size as usize;
         v.into_pyarray(py).reshape([3, s, s])?.into_any().unbind()
@@ -231,9 +296,16 @@ fn transform_image(
 /// Decode one encoded image to RGB like PIL's convert("RGB"): (height, width, 3) uint8.
 #[pyfunction]
 fn decode_image(py: Python<'_>, data: Vec<u8>) -> PyResult<Py<PyAny>> {
-    let rgb = py.detach(move || crate::decode::decode_rgb(&data)).map_err(PyValueError::new_err)?;
+    let rgb = py
+        .detach(move || crate::decode::decode_rgb(&data))
+        .map_err(PyValueError::new_err)?;
     let (h, w) = (rgb.height as usize, rgb.width as usize);
-    Ok(rgb.data.into_pyarray(py).reshape([h, w, 3])?.into_any().unbind())
+    Ok(rgb
+        .data
+        .into_pyarray(py)
+        .reshape([h, w, 3])?
+        .into_any()
+        .unbind())
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

@@ -3,7 +3,12 @@
 
 /// Best-fit-decreasing over windows of `window` samples: in decreasing length (ties: order), each sample
 /// goes to the open row with the least room that still fits, else a new row.
-pub fn plan_rows(lengths: &[u32], order: &[u32], capacity: u32, window: usize) -> Result<Vec<Vec<u32>>, String> {
+pub fn plan_rows(
+    lengths: &[u32],
+    order: &[u32],
+    capacity: u32,
+    window: usize,
+) -> Result<Vec<Vec<u32>>, String> {
     let mut rows = Vec::new();
     for chunk in order.chunks(window.max(1)) {
         let mut ranked: Vec<usize> = (0..chunk.len()).collect();
@@ -14,7 +19,9 @@ pub fn plan_rows(lengths: &[u32], order: &[u32], capacity: u32, window: usize) -
             let s = chunk[i];
             let n = lengths[s as usize];
             if n > capacity {
-                return Err(format!("sample row {s} has {n} tokens, more than the packing capacity {capacity}"));
+                return Err(format!(
+                    "sample row {s} has {n} tokens, more than the packing capacity {capacity}"
+                ));
             }
             let mut best: Option<usize> = None;
             let mut best_room = capacity + 1;
@@ -50,15 +57,33 @@ pub fn plan_batches(
     capacity: u32,
     window: usize,
 ) -> Result<Vec<Batch>, String> {
-    let rows = if pack { plan_rows(lengths, order, capacity, window)? } else { order.iter().map(|&s| vec![s]).collect() };
+    let rows = if pack {
+        plan_rows(lengths, order, capacity, window)?
+    } else {
+        order.iter().map(|&s| vec![s]).collect()
+    };
     Ok(rows.chunks(batch_size.max(1)).map(|c| c.to_vec()).collect())
 }
 
 /// Rank r takes batches r, r + world, ...; with `even`, the batches that do not fill a round are dropped.
-pub fn shard_batches(batches: Vec<Batch>, rank: usize, world: usize, even: bool) -> (Vec<Batch>, usize) {
-    let n = if even { batches.len() - batches.len() % world } else { batches.len() };
+pub fn shard_batches(
+    batches: Vec<Batch>,
+    rank: usize,
+    world: usize,
+    even: bool,
+) -> (Vec<Batch>, usize) {
+    let n = if even {
+        batches.len() - batches.len() % world
+    } else {
+        batches.len()
+    };
     let dropped = batches.len() - n;
-    let mine = batches.into_iter().take(n).skip(rank).step_by(world).collect();
+    let mine = batches
+        .into_iter()
+        .take(n)
+        .skip(rank)
+        .step_by(world)
+        .collect();
     (mine, dropped)
 }
 

@@ -116,8 +116,13 @@ fn image_error(ix: &IndexData, img: u32, sample: Option<usize>, msg: &str) -> St
     let i = img as usize;
     let src = &ix.sources[ix.img_source[i] as usize];
     let file = &src.files[ix.img_file[i] as usize];
-    let ds = sample.map(|s| format!("dataset {}: ", ix.datasets[s])).unwrap_or_default();
-    format!("{file}: {ds}image id {:?}: cannot decode: {msg}", ix.img_ids[i])
+    let ds = sample
+        .map(|s| format!("dataset {}: ", ix.datasets[s]))
+        .unwrap_or_default();
+    format!(
+        "{file}: {ds}image id '{}': cannot decode: {msg}",
+        ix.img_ids[i]
+    )
 }
 
 /// Read the encoded bytes of `images` (sorted, unique): each parquet row group once, JSON by byte range.
@@ -125,7 +130,10 @@ fn read_blobs(ix: &IndexData, images: &[u32], pool: &rayon::ThreadPool) -> Blobs
     let mut groups: HashMap<(u32, u32, u32), Vec<u32>> = HashMap::new();
     for &img in images {
         let i = img as usize;
-        groups.entry((ix.img_source[i], ix.img_file[i], ix.img_rg[i])).or_default().push(img);
+        groups
+            .entry((ix.img_source[i], ix.img_file[i], ix.img_rg[i]))
+            .or_default()
+            .push(img);
     }
     let groups: Vec<_> = groups.into_iter().collect();
     let parts: Vec<Vec<(u32, Result<Vec<u8>, String>)>> = pool.install(|| {
@@ -135,18 +143,27 @@ fn read_blobs(ix: &IndexData, images: &[u32], pool: &rayon::ThreadPool) -> Blobs
                 let src = &ix.sources[*source as usize];
                 let path = &src.files[*file as usize];
                 if src.json {
-                    return imgs.iter().map(|&img| (img, read_range(path, ix, img))).collect();
+                    return imgs
+                        .iter()
+                        .map(|&img| (img, read_range(path, ix, img)))
+                        .collect();
                 }
                 let mut imgs = imgs.clone();
                 imgs.sort_by_key(|&img| ix.img_row[img as usize]);
-                let rows: Vec<usize> = imgs.iter().map(|&img| ix.img_row[img as usize] as usize).collect();
+                let rows: Vec<usize> = imgs
+                    .iter()
+                    .map(|&img| ix.img_row[img as usize] as usize)
+                    .collect();
                 let mut out: Vec<(u32, Result<Vec<u8>, String>)> = Vec::with_capacity(imgs.len());
                 let mut k = 0usize;
-                let res = shard::for_each_row(path, &src.column, *rg as usize, &rows, |_row, value| {
-                    let blob = value.map(|v| v.to_vec()).ok_or_else(|| "image bytes are null".to_string());
-                    out.push((imgs[k], blob));
-                    k += 1;
-                });
+                let res =
+                    shard::for_each_row(path, &src.column, *rg as usize, &rows, |_row, value| {
+                        let blob = value
+                            .map(|v| v.to_vec())
+                            .ok_or_else(|| "image bytes are null".to_string());
+                        out.push((imgs[k], blob));
+                        k += 1;
+                    });
                 if let Err(e) = res {
                     return imgs.iter().map(|&img| (img, Err(e.to_string()))).collect();
                 }
@@ -162,7 +179,8 @@ fn read_range(path: &str, ix: &IndexData, img: u32) -> Result<Vec<u8>, String> {
     let (off, len) = (ix.img_off[img as usize], ix.img_len[img as usize]);
     let f = File::open(path).map_err(|e| format!("{path}: {e}"))?;
     let mut buf = vec![0u8; len as usize];
-    f.read_exact_at(&mut buf, off as u64).map_err(|e| format!("{path}: {e}"))?;
+    f.read_exact_at(&mut buf, off as u64)
+        .map_err(|e| format!("{path}: {e}"))?;
     if buf.contains(&b'\\') {
         // JSON escapes inside a base64 string (e.g. "\/"): undo them; base64 never needs any.
         let mut out = Vec::with_capacity(buf.len());
@@ -185,7 +203,11 @@ fn read_range(path: &str, ix: &IndexData, img: u32) -> Result<Vec<u8>, String> {
 
 fn decode_one(ix: &IndexData, cfg: &Config, img: u32, blob: &[u8]) -> Result<Pixels, String> {
     let src = &ix.sources[ix.img_source[img as usize] as usize];
-    let rgb: Rgb = if src.base64 { decode_rgb_base64(blob)? } else { decode_rgb(blob)? };
+    let rgb: Rgb = if src.base64 {
+        decode_rgb_base64(blob)?
+    } else {
+        decode_rgb(blob)?
+    };
     let mut out = Vec::new();
     if cfg.fuyu {
         let (r, c) = transform::fuyu_patches(&rgb, cfg.fuyu_max_h, cfg.fuyu_max_w, &mut out)?;
@@ -212,7 +234,12 @@ struct Seq {
     n_patches: usize,
 }
 
-fn sample_seq(ix: &IndexData, cfg: &Config, s: usize, px: &HashMap<u32, Result<Pixels, String>>) -> Result<Seq, String> {
+fn sample_seq(
+    ix: &IndexData,
+    cfg: &Config,
+    s: usize,
+    px: &HashMap<u32, Result<Pixels, String>>,
+) -> Result<Seq, String> {
     let toks = ix.tokens(s);
     let mut labels = vec![-100i64; toks.len()];
     for sp in ix.spans(s).chunks_exact(2) {
@@ -289,7 +316,13 @@ fn sample_seq(ix: &IndexData, cfg: &Config, s: usize, px: &HashMap<u32, Result<P
     Ok(seq)
 }
 
-fn build_batch(ix: &IndexData, cfg: &Config, batch: &Batch, blobs: &Blobs, pool: &rayon::ThreadPool) -> Result<BatchOut, String> {
+fn build_batch(
+    ix: &IndexData,
+    cfg: &Config,
+    batch: &Batch,
+    blobs: &Blobs,
+    pool: &rayon::ThreadPool,
+) -> Result<BatchOut, String> {
     let mut imgs: Vec<u32> = batch
         .iter()
         .flatten()
@@ -329,7 +362,11 @@ fn build_batch(ix: &IndexData, cfg: &Config, batch: &Batch, blobs: &Blobs, pool:
     let width = if cfg.pack {
         cfg.capacity as usize
     } else {
-        seqs.iter().map(|r| r.iter().map(|(_, q)| q.ids.len()).sum::<usize>()).max().unwrap_or(0).max(1)
+        seqs.iter()
+            .map(|r| r.iter().map(|(_, q)| q.ids.len()).sum::<usize>())
+            .max()
+            .unwrap_or(0)
+            .max(1)
     };
     out.rows = b_rows;
     out.cols = width;
@@ -363,7 +400,8 @@ fn build_batch(ix: &IndexData, cfg: &Config, batch: &Batch, blobs: &Blobs, pool:
             if cfg.fuyu {
                 for t in 0..len {
                     let p = q.patch_idx[t];
-                    out.image_patches_indices[base + t] = if p >= 0 { p + out.n_patches as i64 } else { -1 };
+                    out.image_patches_indices[base + t] =
+                        if p >= 0 { p + out.n_patches as i64 } else { -1 };
                 }
                 out.image_patches.extend_from_slice(&q.patches);
                 out.n_patches += q.n_patches;
@@ -385,8 +423,19 @@ fn build_batch(ix: &IndexData, cfg: &Config, batch: &Batch, blobs: &Blobs, pool:
     Ok(out)
 }
 
-fn produce(ix: &IndexData, cfg: &Config, batches: Vec<Batch>, tx: &SyncSender<Result<BatchOut, String>>) {
-    let threads = if cfg.num_threads == 0 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) } else { cfg.num_threads };
+fn produce(
+    ix: &IndexData,
+    cfg: &Config,
+    batches: Vec<Batch>,
+    tx: &SyncSender<Result<BatchOut, String>>,
+) {
+    let threads = if cfg.num_threads == 0 {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    } else {
+        cfg.num_threads
+    };
     let pool = match rayon::ThreadPoolBuilder::new().num_threads(threads).build() {
         Ok(p) => p,
         Err(e) => {
@@ -436,7 +485,10 @@ pub fn spawn(ix: Arc<IndexData>, cfg: Arc<Config>, batches: Vec<Batch>) -> Runni
             }
         })
         .expect("spawn loader thread");
-    Running { rx: Some(rx), handle: Some(handle) }
+    Running {
+        rx: Some(rx),
+        handle: Some(handle),
+    }
 }
 
 impl Drop for Running {
@@ -449,8 +501,19 @@ impl Drop for Running {
 }
 
 /// For tests and the CLI: decode + transform one encoded image.
-pub fn transform_one(blob: &[u8], is_base64: bool, mode: &str, size: u32, max_h: u32, max_w: u32) -> Result<(Vec<f32>, usize, usize), String> {
-    let rgb = if is_base64 { decode_rgb_base64(blob)? } else { decode_rgb(blob)? };
+pub fn transform_one(
+    blob: &[u8],
+    is_base64: bool,
+    mode: &str,
+    size: u32,
+    max_h: u32,
+    max_w: u32,
+) -> Result<(Vec<f32>, usize, usize), String> {
+    let rgb = if is_base64 {
+        decode_rgb_base64(blob)?
+    } else {
+        decode_rgb(blob)?
+    };
     let mut out = Vec::new();
     match mode {
         "otter" => transform::otter_pixels(&rgb, size, &mut out).map(|_| (out, 0, 0)),

@@ -25,9 +25,17 @@ pub fn resize(img: &Rgb, width: u32, height: u32, filter: FilterType) -> Result<
     let mut dst = Image::new(width, height, PixelType::U8x3);
     let mut resizer = Resizer::new();
     resizer
-        .resize(&src, &mut dst, &ResizeOptions::new().resize_alg(ResizeAlg::Convolution(filter)))
+        .resize(
+            &src,
+            &mut dst,
+            &ResizeOptions::new().resize_alg(ResizeAlg::Convolution(filter)),
+        )
         .map_err(|e| format!("resize: {e}"))?;
-    Ok(Rgb { width, height, data: dst.into_vec() })
+    Ok(Rgb {
+        width,
+        height,
+        data: dst.into_vec(),
+    })
 }
 
 /// HWC u8 -> CHW f32, normalised; appended to `out`.
@@ -57,7 +65,11 @@ pub fn clip_pixels(img: &Rgb, size: u32, out: &mut Vec<f32>) -> Result<(), Strin
     let (short, long) = if w <= h { (w, h) } else { (h, w) };
     // Python's int(size * long / short): an exact integer product, one correctly rounded division.
     let new_long = ((size as u64 * long) as f64 / short as f64) as u32;
-    let (nw, nh) = if w <= h { (size, new_long) } else { (new_long, size) };
+    let (nw, nh) = if w <= h {
+        (size, new_long)
+    } else {
+        (new_long, size)
+    };
     let r = resize(img, nw, nh, FilterType::CatmullRom)?;
     let top = ((nh - size) / 2) as usize;
     let left = ((nw - size) / 2) as usize;
@@ -67,7 +79,16 @@ pub fn clip_pixels(img: &Rgb, size: u32, out: &mut Vec<f32>) -> Result<(), Strin
         let row = (top + y) * nw as usize * 3;
         crop.extend_from_slice(&r.data[row + left * 3..row + (left + s) * 3]);
     }
-    normalise_chw(&Rgb { width: size, height: size, data: crop }, CLIP_MEAN, CLIP_STD, out);
+    normalise_chw(
+        &Rgb {
+            width: size,
+            height: size,
+            data: crop,
+        },
+        CLIP_MEAN,
+        CLIP_STD,
+        out,
+    );
     Ok(())
 }
 
@@ -83,12 +104,20 @@ pub fn fuyu_resized_size(height: u32, width: u32, max_h: u32, max_w: u32) -> (u3
 /// (patch rows, patch columns) for an image of this original size.
 pub fn fuyu_grid(height: u32, width: u32, max_h: u32, max_w: u32) -> (usize, usize) {
     let (h, w) = fuyu_resized_size(height, width, max_h, max_w);
-    ((h as usize).div_ceil(FUYU_PATCH), (w as usize).div_ceil(FUYU_PATCH))
+    (
+        (h as usize).div_ceil(FUYU_PATCH),
+        (w as usize).div_ceil(FUYU_PATCH),
+    )
 }
 
 /// Fuyu patches appended to `out` as (rows*cols, 30*30*3) f32 in [-1, 1], raster order, each patch flattened
 /// (patch_h, patch_w, channel); the padding (bottom/right, to a multiple of 30) is 1.0 on the 0..255 scale.
-pub fn fuyu_patches(img: &Rgb, max_h: u32, max_w: u32, out: &mut Vec<f32>) -> Result<(usize, usize), String> {
+pub fn fuyu_patches(
+    img: &Rgb,
+    max_h: u32,
+    max_w: u32,
+    out: &mut Vec<f32>,
+) -> Result<(usize, usize), String> {
     let (nh, nw) = fuyu_resized_size(img.height, img.width, max_h, max_w);
     let resized;
     let img = if (nh, nw) != (img.height, img.width) {
@@ -132,7 +161,13 @@ mod tests {
     #[test]
     fn fuyu_counts() {
         // otter-reference 4.2 token table: rows * cols + rows
-        for (side, n) in [(224u32, 72usize), (448, 240), (512, 342), (768, 702), (1080, 1332)] {
+        for (side, n) in [
+            (224u32, 72usize),
+            (448, 240),
+            (512, 342),
+            (768, 702),
+            (1080, 1332),
+        ] {
             let (r, c) = fuyu_grid(side, side, 1080, 1920);
             assert_eq!(r * c + r, n);
         }
@@ -141,7 +176,11 @@ mod tests {
 
     #[test]
     fn fuyu_padding_value() {
-        let img = Rgb { width: 1, height: 1, data: vec![255, 0, 255] };
+        let img = Rgb {
+            width: 1,
+            height: 1,
+            data: vec![255, 0, 255],
+        };
         let mut out = Vec::new();
         assert_eq!(fuyu_patches(&img, 1080, 1920, &mut out).unwrap(), (1, 1));
         assert_eq!(out.len(), 2700);

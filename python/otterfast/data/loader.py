@@ -24,6 +24,7 @@ import os
 from typing import Iterator
 
 import numpy as np
+from torch.utils.data import IterableDataset
 
 from .. import _native
 from .batching import LoaderConfig
@@ -41,7 +42,9 @@ def _values(col, dtype) -> np.ndarray:
     return np.asarray(col.values.slice(start, end - start).to_numpy(zero_copy_only=False), dtype=dtype)
 
 
-class NativeLoader:
+class NativeLoader(IterableDataset):
+    """An iterable of batches; also a torch IterableDataset (use DataLoader(loader, batch_size=None))."""
+
     def __init__(self, index: PreparedIndex | str, config: LoaderConfig | None = None, **overrides):
         self.index = index if isinstance(index, PreparedIndex) else PreparedIndex(index)
         self.cfg = LoaderConfig.make(config, **overrides)
