@@ -19,9 +19,6 @@ impl std::fmt::Display for ShardError {
     }
 }
 
-/// Values decoded per call: small, since one image is typically 0.1-1 MB.
-const BATCH: usize = 16;
-
 /// Stream `column` of `row_group` in `path` and call `visit(row, Some(bytes) | None)` for each row in
 /// `rows` (sorted ascending, rows within the row group). Rows not asked for are decoded and dropped.
 pub fn for_each_row<F: FnMut(usize, Option<&[u8]>)>(
@@ -75,41 +72,31 @@ pub fn for_each_row<F: FnMut(usize, Option<&[u8]>)>(
         ColumnReader::ByteArrayColumnReader(r) => r,
         _ => return Err(err(format!("column {column:?} is not a byte-array column"))),
     };
-    let mut want = rows.iter().copied().peekable();
-    let mut values: Vec<ByteArray> = Vec::with_capacity(BATCH);
-    let mut defs: Vec<i16> = Vec::with_capacity(BATCH);
+    let mut values: Vec<ByteArray> = Vec::with_capacity(1);
+    let mut defs: Vec<i16> = Vec::with_capacity(1);
     let mut row = 0usize;
-    while want.peek().is_some() {
+    for &next in rows {
+        if next > row {
+            // Whole pages between wanted rows are skipped from their headers, without decompressing them.
+            let skipped = typed
+                .skip_records(next - row)
+                .map_err(|e| err(format!("row group {row_group}, skipping to row {next}: {e}")))?;
+            row += skipped;
+            if row != next {
+                return Err(err(format!("row group {row_group} ended at row {row}, before row {next}")));
+            }
+        }
         values.clear();
         defs.clear();
         let (records, _values, _levels) = typed
-            .read_records(
-                BATCH,
-                if max_def > 0 { Some(&mut defs) } else { None },
-                None,
-                &mut values,
-            )
-            .map_err(|e| err(format!("row group {row_group}, near row {row}: {e}")))?;
-        if records == 0 {
-            return Err(err(format!(
-                "row group {row_group} ended at row {row}, before the rows asked for"
-            )));
+            .read_records(1, if max_def > 0 { Some(&mut defs) } else { None }, None, &mut values)
+            .map_err(|e| err(format!("row group {row_group}, row {row}: {e}")))?;
+        if records != 1 {
+            return Err(err(format!("row group {row_group} ended at row {row}")));
         }
-        let mut vi = 0usize;
-        for k in 0..records {
-            let present = max_def == 0 || defs[k] == max_def;
-            let value = if present {
-                vi += 1;
-                Some(values[vi - 1].data())
-            } else {
-                None
-            };
-            if want.peek() == Some(&(row + k)) {
-                want.next();
-                visit(row + k, value);
-            }
-        }
-        row += records;
+        let present = max_def == 0 || defs[0] == max_def;
+        visit(row, if present { Some(values[0].data()) } else { None });
+        row += 1;
     }
     Ok(())
 }
