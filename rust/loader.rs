@@ -30,7 +30,8 @@ impl PyNativeLoader {
     #[new]
     #[allow(clippy::too_many_arguments)]
     #[pyo3(signature = (tok_off, tokens, span_off, spans, mpos_off, mpos, media_off, media_img_off, media_imgs,
-                        datasets, img_source, img_file, img_rg, img_row, img_off, img_len, img_ids, sources, options))]
+                        datasets, img_source, img_file, img_rg, img_row, img_off, img_len, img_w, img_h, img_ids,
+                        sources, options))]
     fn new(
         tok_off: PyReadonlyArray1<'_, i64>,
         tokens: PyReadonlyArray1<'_, i32>,
@@ -48,6 +49,8 @@ impl PyNativeLoader {
         img_row: PyReadonlyArray1<'_, i32>,
         img_off: PyReadonlyArray1<'_, i64>,
         img_len: PyReadonlyArray1<'_, i64>,
+        img_w: PyReadonlyArray1<'_, i32>,
+        img_h: PyReadonlyArray1<'_, i32>,
         img_ids: Vec<String>,
         sources: Vec<(bool, Vec<String>, String, bool)>,
         options: &Bound<'_, PyDict>,
@@ -72,6 +75,8 @@ impl PyNativeLoader {
             img_row: u32v(img_row)?,
             img_off: img_off.as_slice()?.to_vec(),
             img_len: img_len.as_slice()?.to_vec(),
+            img_w: u32v(img_w)?,
+            img_h: u32v(img_h)?,
             img_ids,
             sources: sources
                 .into_iter()

@@ -43,6 +43,8 @@ pub struct IndexData {
     pub img_row: Vec<u32>,
     pub img_off: Vec<i64>,
     pub img_len: Vec<i64>,
+    pub img_w: Vec<u32>,
+    pub img_h: Vec<u32>,
     pub img_ids: Vec<String>,
     pub sources: Vec<Source>,
 }
@@ -102,12 +104,6 @@ pub struct BatchOut {
     pub n_patches: usize,
     pub image_patches_indices: Vec<i64>,
     pub skipped: usize,
-}
-
-/// A decoded, transformed image: Otter/CLIP pixels (3*S*S) or Fuyu patches with their grid.
-enum Pixels {
-    Otter(Vec<f32>),
-    Fuyu(Vec<f32>, usize, usize),
 }
 
 type Blobs = HashMap<u32, Result<Vec<u8>, String>>;
@@ -201,164 +197,119 @@ fn read_range(path: &str, ix: &IndexData, img: u32) -> Result<Vec<u8>, String> {
     Ok(buf)
 }
 
-fn decode_one(ix: &IndexData, cfg: &Config, img: u32, blob: &[u8]) -> Result<Pixels, String> {
+/// Decode one image and write its pixels (Otter/CLIP: 3*S*S values; Fuyu: its patches) into `slot`.
+fn decode_into(
+    ix: &IndexData,
+    cfg: &Config,
+    img: u32,
+    blob: &[u8],
+    slot: &mut [f32],
+) -> Result<(), String> {
     let src = &ix.sources[ix.img_source[img as usize] as usize];
     let rgb: Rgb = if src.base64 {
         decode_rgb_base64(blob)?
     } else {
         decode_rgb(blob)?
     };
-    let mut out = Vec::new();
     if cfg.fuyu {
-        let (r, c) = transform::fuyu_patches(&rgb, cfg.fuyu_max_h, cfg.fuyu_max_w, &mut out)?;
-        Ok(Pixels::Fuyu(out, r, c))
+        transform::fuyu_patches_into(&rgb, cfg.fuyu_max_h, cfg.fuyu_max_w, slot).map(|_| ())
     } else if cfg.clip {
-        transform::clip_pixels(&rgb, cfg.image_size, &mut out)?;
-        Ok(Pixels::Otter(out))
+        transform::clip_pixels_into(&rgb, cfg.image_size, slot)
     } else {
-        transform::otter_pixels(&rgb, cfg.image_size, &mut out)?;
-        Ok(Pixels::Otter(out))
+        transform::otter_pixels_into(&rgb, cfg.image_size, slot)
     }
 }
 
-/// One sample's sequence (Fuyu image tokens inserted) and its media, or the error of its first bad image.
-struct Seq {
-    ids: Vec<i64>,
-    labels: Vec<i64>,
-    patch_idx: Vec<i64>,
-    media_pos: Vec<i64>,
-    media_frames: Vec<i64>,
-    pixels: Vec<f32>,
-    n_frames: usize,
-    patches: Vec<f32>,
-    n_patches: usize,
-}
-
-fn sample_seq(
-    ix: &IndexData,
-    cfg: &Config,
-    s: usize,
-    px: &HashMap<u32, Result<Pixels, String>>,
-) -> Result<Seq, String> {
-    let toks = ix.tokens(s);
-    let mut labels = vec![-100i64; toks.len()];
-    for sp in ix.spans(s).chunks_exact(2) {
-        for t in sp[0] as usize..sp[1] as usize {
-            labels[t] = toks[t] as i64;
-        }
-    }
-    let mut seq = Seq {
-        ids: Vec::with_capacity(toks.len()),
-        labels: Vec::new(),
-        patch_idx: Vec::new(),
-        media_pos: Vec::new(),
-        media_frames: Vec::new(),
-        pixels: Vec::new(),
-        n_frames: 0,
-        patches: Vec::new(),
-        n_patches: 0,
-    };
-    let get = |img: u32| -> Result<&Pixels, String> {
-        match px.get(&img) {
-            Some(Ok(p)) => Ok(p),
-            Some(Err(e)) => Err(image_error(ix, img, Some(s), e)),
-            None => Err(image_error(ix, img, Some(s), "internal: image not decoded")),
-        }
-    };
-    if !cfg.fuyu {
-        seq.ids = toks.iter().map(|&t| t as i64).collect();
-        seq.labels = labels;
-        for (p, media) in ix.media_pos(s).iter().zip(ix.media(s)) {
-            seq.media_pos.push(*p as i64);
-            seq.media_frames.push(media.len() as i64);
-            for &img in media {
-                match get(img)? {
-                    Pixels::Otter(v) => seq.pixels.extend_from_slice(v),
-                    Pixels::Fuyu(..) => unreachable!(),
-                }
-                seq.n_frames += 1;
-            }
-        }
-        return Ok(seq);
-    }
-    let mpos = ix.media_pos(s);
-    let media: Vec<&[u32]> = ix.media(s).collect();
-    for t in 0..=toks.len() {
-        for (m, &p) in mpos.iter().enumerate() {
-            if p as usize != t {
-                continue;
-            }
-            for &img in media[m] {
-                let (v, rows, cols) = match get(img)? {
-                    Pixels::Fuyu(v, r, c) => (v, *r, *c),
-                    Pixels::Otter(_) => unreachable!(),
-                };
-                for r in 0..rows {
-                    for c in 0..cols {
-                        seq.ids.push(cfg.placeholder_id);
-                        seq.labels.push(-100);
-                        seq.patch_idx.push((seq.n_patches + r * cols + c) as i64);
-                    }
-                    seq.ids.push(cfg.newline_id);
-                    seq.labels.push(-100);
-                    seq.patch_idx.push(-1);
-                }
-                seq.patches.extend_from_slice(v);
-                seq.n_patches += rows * cols;
-            }
-        }
-        if t < toks.len() {
-            seq.ids.push(toks[t] as i64);
-            seq.labels.push(labels[t]);
-            seq.patch_idx.push(-1);
-        }
-    }
-    Ok(seq)
-}
-
-fn build_batch(
+/// Tokens, labels and media of a batch, with a slot (offset, length) in the pixel buffer for every image,
+/// computed from the index alone (Fuyu grids come from the header sizes). `skip` holds samples left out.
+fn layout(
     ix: &IndexData,
     cfg: &Config,
     batch: &Batch,
-    blobs: &Blobs,
-    pool: &rayon::ThreadPool,
-) -> Result<BatchOut, String> {
-    let mut imgs: Vec<u32> = batch
-        .iter()
-        .flatten()
-        .flat_map(|&s| ix.media(s as usize).flatten().copied().collect::<Vec<_>>())
-        .collect();
-    imgs.sort_unstable();
-    imgs.dedup();
-    let px: HashMap<u32, Result<Pixels, String>> = pool.install(|| {
-        imgs.par_iter()
-            .map(|&img| {
-                let r = match blobs.get(&img) {
-                    Some(Ok(b)) => decode_one(ix, cfg, img, b),
-                    Some(Err(e)) => Err(e.clone()),
-                    None => Err("internal: image bytes not read".to_string()),
-                };
-                (img, r)
-            })
-            .collect()
-    });
+    skip: &[u32],
+) -> Result<(BatchOut, Vec<(u32, usize, usize)>), String> {
+    let per_frame = 3 * (cfg.image_size as usize).pow(2);
+    let mut out = BatchOut {
+        rows: batch.len(),
+        ..Default::default()
+    };
+    // one sample's token stream (Fuyu: image tokens inserted where its media go)
+    struct Seq {
+        ids: Vec<i64>,
+        labels: Vec<i64>,
+        patch_idx: Vec<i64>,
+    }
     let mut seqs: Vec<Vec<(u32, Seq)>> = Vec::with_capacity(batch.len());
-    let mut out = BatchOut::default();
     for row in batch {
         let mut kept = Vec::with_capacity(row.len());
         for &s in row {
-            match sample_seq(ix, cfg, s as usize, &px) {
-                Ok(q) => kept.push((s, q)),
-                Err(e) if cfg.skip_errors => {
-                    let _ = e;
-                    out.skipped += 1;
-                }
-                Err(e) => return Err(e),
+            if skip.contains(&s) {
+                out.skipped += 1;
+                continue;
             }
+            let su = s as usize;
+            let toks = ix.tokens(su);
+            let mut labels = vec![-100i64; toks.len()];
+            for sp in ix.spans(su).chunks_exact(2) {
+                for t in sp[0] as usize..sp[1] as usize {
+                    labels[t] = toks[t] as i64;
+                }
+            }
+            if !cfg.fuyu {
+                kept.push((
+                    s,
+                    Seq {
+                        ids: toks.iter().map(|&t| t as i64).collect(),
+                        labels,
+                        patch_idx: Vec::new(),
+                    },
+                ));
+                continue;
+            }
+            let mpos = ix.media_pos(su);
+            let media: Vec<&[u32]> = ix.media(su).collect();
+            let mut q = Seq {
+                ids: Vec::new(),
+                labels: Vec::new(),
+                patch_idx: Vec::new(),
+            };
+            let mut n_patches = 0usize;
+            for t in 0..=toks.len() {
+                for (m, &p) in mpos.iter().enumerate() {
+                    if p as usize != t {
+                        continue;
+                    }
+                    for &img in media[m] {
+                        let i = img as usize;
+                        let (rows, cols) = transform::fuyu_grid(
+                            ix.img_h[i],
+                            ix.img_w[i],
+                            cfg.fuyu_max_h,
+                            cfg.fuyu_max_w,
+                        );
+                        for r in 0..rows {
+                            for c in 0..cols {
+                                q.ids.push(cfg.placeholder_id);
+                                q.labels.push(-100);
+                                q.patch_idx.push((n_patches + r * cols + c) as i64);
+                            }
+                            q.ids.push(cfg.newline_id);
+                            q.labels.push(-100);
+                            q.patch_idx.push(-1);
+                        }
+                        n_patches += rows * cols;
+                    }
+                }
+                if t < toks.len() {
+                    q.ids.push(toks[t] as i64);
+                    q.labels.push(labels[t]);
+                    q.patch_idx.push(-1);
+                }
+            }
+            kept.push((s, q));
         }
         seqs.push(kept);
     }
-    let b_rows = batch.len();
     let width = if cfg.pack {
         cfg.capacity as usize
     } else {
@@ -368,9 +319,8 @@ fn build_batch(
             .unwrap_or(0)
             .max(1)
     };
-    out.rows = b_rows;
     out.cols = width;
-    let n = b_rows * width;
+    let n = out.rows * width;
     out.input_ids = vec![cfg.pad_id; n];
     out.labels = vec![-100; n];
     out.attention_mask = vec![0; n];
@@ -380,6 +330,8 @@ fn build_batch(
         out.image_patches_indices = vec![-1; n];
     }
     out.cu_seqlens.push(0);
+    let mut slots: Vec<(u32, usize, usize)> = Vec::new(); // (image row, offset, length) in the pixel buffer
+    let mut cursor = 0usize;
     for (b, row) in seqs.into_iter().enumerate() {
         let mut off = 0usize;
         for (k, (s, q)) in row.into_iter().enumerate() {
@@ -397,22 +349,44 @@ fn build_batch(
             }
             out.cu_seqlens.push((base + len) as i32);
             out.sample_index.push(s as i64);
+            let su = s as usize;
             if cfg.fuyu {
                 for t in 0..len {
                     let p = q.patch_idx[t];
                     out.image_patches_indices[base + t] =
                         if p >= 0 { p + out.n_patches as i64 } else { -1 };
                 }
-                out.image_patches.extend_from_slice(&q.patches);
-                out.n_patches += q.n_patches;
-            } else {
-                for (p, f) in q.media_pos.iter().zip(&q.media_frames) {
-                    out.media_row.push(b as i64);
-                    out.media_pos.push(off as i64 + p);
-                    out.media_frames.push(*f);
+                // patches in the order their tokens appear: media by position, frames in order
+                let mpos = ix.media_pos(su);
+                let media: Vec<&[u32]> = ix.media(su).collect();
+                let mut order: Vec<usize> = (0..media.len()).collect();
+                order.sort_by_key(|&m| (mpos[m], m));
+                for m in order {
+                    for &img in media[m] {
+                        let i = img as usize;
+                        let (r, c) = transform::fuyu_grid(
+                            ix.img_h[i],
+                            ix.img_w[i],
+                            cfg.fuyu_max_h,
+                            cfg.fuyu_max_w,
+                        );
+                        let len = r * c * transform::PATCH_DIM;
+                        slots.push((img, cursor, len));
+                        cursor += len;
+                        out.n_patches += r * c;
+                    }
                 }
-                out.pixel_values.extend_from_slice(&q.pixels);
-                out.n_frames += q.n_frames;
+            } else {
+                for (p, media) in ix.media_pos(su).iter().zip(ix.media(su)) {
+                    out.media_row.push(b as i64);
+                    out.media_pos.push((off + *p as usize) as i64);
+                    out.media_frames.push(media.len() as i64);
+                    for &img in media {
+                        slots.push((img, cursor, per_frame));
+                        cursor += per_frame;
+                        out.n_frames += 1;
+                    }
+                }
             }
             off += len;
         }
@@ -420,7 +394,69 @@ fn build_batch(
             out.cu_seqlens.push(((b + 1) * width) as i32);
         }
     }
-    Ok(out)
+    Ok((out, slots))
+}
+
+fn build_batch(
+    ix: &IndexData,
+    cfg: &Config,
+    batch: &Batch,
+    blobs: &Blobs,
+    pool: &rayon::ThreadPool,
+) -> Result<BatchOut, String> {
+    let mut skip: Vec<u32> = Vec::new();
+    loop {
+        let (mut out, slots) = layout(ix, cfg, batch, &skip)?;
+        let total: usize = slots.iter().map(|s| s.2).sum();
+        let mut buf = vec![0f32; total];
+        // Decode every image straight into its slot of the batch buffer, in parallel: no copies.
+        let mut parts: Vec<&mut [f32]> = Vec::with_capacity(slots.len());
+        let mut rest: &mut [f32] = &mut buf;
+        for &(_, _, len) in &slots {
+            let (a, b) = rest.split_at_mut(len);
+            parts.push(a);
+            rest = b;
+        }
+        let failed: Vec<(u32, String)> = pool.install(|| {
+            parts
+                .into_par_iter()
+                .zip(slots.par_iter())
+                .filter_map(|(slot, &(img, _, _))| {
+                    let r = match blobs.get(&img) {
+                        Some(Ok(b)) => decode_into(ix, cfg, img, b, slot),
+                        Some(Err(e)) => Err(e.clone()),
+                        None => Err("internal: image bytes not read".to_string()),
+                    };
+                    r.err().map(|e| (img, e))
+                })
+                .collect()
+        });
+        if failed.is_empty() {
+            if cfg.fuyu {
+                out.image_patches = buf;
+            } else {
+                out.pixel_values = buf;
+            }
+            return Ok(out);
+        }
+        // The samples that use a failed image: an error, or (skip) left out and the batch laid out again.
+        let bad: Vec<u32> = failed.iter().map(|f| f.0).collect();
+        let culprits: Vec<u32> = batch
+            .iter()
+            .flatten()
+            .copied()
+            .filter(|&s| ix.media(s as usize).flatten().any(|i| bad.contains(i)))
+            .collect();
+        if !cfg.skip_errors {
+            let (img, msg) = &failed[0];
+            let s = culprits
+                .iter()
+                .copied()
+                .find(|&s| ix.media(s as usize).flatten().any(|i| i == img));
+            return Err(image_error(ix, *img, s.map(|s| s as usize), msg));
+        }
+        skip.extend(culprits);
+    }
 }
 
 fn produce(

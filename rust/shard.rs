@@ -78,24 +78,40 @@ pub fn for_each_row<F: FnMut(usize, Option<&[u8]>)>(
     for &next in rows {
         if next > row {
             // Whole pages between wanted rows are skipped from their headers, without decompressing them.
-            let skipped = typed
-                .skip_records(next - row)
-                .map_err(|e| err(format!("row group {row_group}, skipping to row {next}: {e}")))?;
+            let skipped = typed.skip_records(next - row).map_err(|e| {
+                err(format!(
+                    "row group {row_group}, skipping to row {next}: {e}"
+                ))
+            })?;
             row += skipped;
             if row != next {
-                return Err(err(format!("row group {row_group} ended at row {row}, before row {next}")));
+                return Err(err(format!(
+                    "row group {row_group} ended at row {row}, before row {next}"
+                )));
             }
         }
         values.clear();
         defs.clear();
         let (records, _values, _levels) = typed
-            .read_records(1, if max_def > 0 { Some(&mut defs) } else { None }, None, &mut values)
+            .read_records(
+                1,
+                if max_def > 0 { Some(&mut defs) } else { None },
+                None,
+                &mut values,
+            )
             .map_err(|e| err(format!("row group {row_group}, row {row}: {e}")))?;
         if records != 1 {
             return Err(err(format!("row group {row_group} ended at row {row}")));
         }
         let present = max_def == 0 || defs[0] == max_def;
-        visit(row, if present { Some(values[0].data()) } else { None });
+        visit(
+            row,
+            if present {
+                Some(values[0].data())
+            } else {
+                None
+            },
+        );
         row += 1;
     }
     Ok(())

@@ -35,7 +35,7 @@ class LoaderConfig:
     even_batches: bool = True  # drop the last batches that do not fill a round of ranks
     on_error: str = "raise"  # or "skip": leave out a sample whose image fails to decode, counted
     num_threads: int = 0  # native only: 0 = all cores
-    prefetch: int = 4  # native only: batches decoded ahead
+    prefetch: int = 2  # native only: batches decoded ahead (a packed Otter row of 4096 tokens can hold ~100 MB of pixels)
     blob_window: int = 1024  # native only: images whose encoded bytes are read from the tables at once
 
     @classmethod

@@ -92,7 +92,8 @@ class NativeLoader(IterableDataset):
             _offsets(mpos), _values(mpos, np.int32), _offsets(media), _offsets(media_inner),
             _values(media_inner, np.int32), t.column("dataset").to_pylist(),
             icol("source", np.int32), icol("file", np.int32), icol("row_group", np.int32), icol("row", np.int32),
-            icol("byte_offset", np.int64), icol("byte_length", np.int64), im.column("image_id").to_pylist(),
+            icol("byte_offset", np.int64), icol("byte_length", np.int64), icol("width", np.int32),
+            icol("height", np.int32), im.column("image_id").to_pylist(),
             src, options,
         )
 
