@@ -10,7 +10,8 @@ import pytest
 
 from otterfast.cli import main
 
-CMDS = [[], ["demo"], ["data"], ["data", "demo"], ["data", "validate"], ["data", "prepare"], ["data", "inspect"]]
+CMDS = [[], ["demo"], ["data"], ["data", "demo"], ["data", "validate"], ["data", "prepare"], ["data", "inspect"],
+        ["bench"], ["bench", "loader"]]
 
 
 @pytest.mark.parametrize("cmd", CMDS)
@@ -36,6 +37,17 @@ def test_inspect_json_and_arrays(demo_index, tmp_path, capsys):
     arrs = np.load(npz)
     assert arrs["input_ids"].shape == (1, len(rec["input_ids"]))
     assert arrs["labels"][0].tolist() == rec["labels"]
+    assert arrs["pixel_values"].shape[0] == sum(len(m) for m in rec["image_ids"])
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+def test_inspect_backends_agree(demo_index, tmp_path, backend, capsys):
+    npz = str(tmp_path / f"{backend}.npz")
+    assert main(["data", "inspect", demo_index, "--index", "5", "--json", "--save-arrays", npz,
+                 "--backend", backend]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    arrs = np.load(npz)
+    assert arrs["input_ids"][0].tolist() == rec["input_ids"]
     assert arrs["pixel_values"].shape[0] == sum(len(m) for m in rec["image_ids"])
 
 

@@ -2,6 +2,8 @@
 
 from collections.abc import Buffer
 
+import numpy as np
+
 __version__: str
 
 def probe_images(
@@ -30,3 +32,36 @@ def probe_parquet_rows(
 
 def decode_base64(text: bytes) -> bytes:
     """Decode base64 in the standard or URL-safe alphabet; ValueError on bad input."""
+
+class NativeLoader:
+    """The Rust engine of otterfast.data.loader.NativeLoader (use that class; this one takes the flattened index)."""
+
+    def __init__(
+        self,
+        tok_off: np.ndarray, tokens: np.ndarray, span_off: np.ndarray, spans: np.ndarray,
+        mpos_off: np.ndarray, mpos: np.ndarray, media_off: np.ndarray, media_img_off: np.ndarray,
+        media_imgs: np.ndarray, datasets: list[str], img_source: np.ndarray, img_file: np.ndarray,
+        img_rg: np.ndarray, img_row: np.ndarray, img_off: np.ndarray, img_len: np.ndarray,
+        img_w: np.ndarray, img_h: np.ndarray, img_ids: list[str],
+        sources: list[tuple[bool, list[str], str, bool]], options: dict,
+    ) -> None: ...
+    def start(self, batches: list[list[list[int]]]) -> None:
+        """Produce these batches (rows of index sample rows) on a fresh thread + pool; stops a running epoch."""
+    def next_batch(self) -> dict[str, np.ndarray | int] | None:
+        """The next batch (numpy arrays owning Rust buffers), None at the end; ValueError naming file and
+        image id when an image cannot be decoded (unless skipping). Waits without the GIL."""
+    def stop(self) -> None: ...
+
+def plan_batches(
+    lengths: list[int], order: list[int], batch_size: int, pack: bool, capacity: int, window: int,
+    rank: int = 0, world_size: int = 1, even: bool = True,
+) -> tuple[list[list[list[int]]], int]:
+    """(this rank's batches, batches dropped to keep ranks even); the twin of data.batching."""
+
+def transform_image(
+    data: bytes, mode: str, is_base64: bool = False, size: int = 224, max_h: int = 1080, max_w: int = 1920
+) -> tuple[np.ndarray, int, int]:
+    """Decode + transform one image: "otter"/"clip" -> (3, size, size) float32, "fuyu" -> (rows*cols, 2700)."""
+
+def decode_image(data: bytes) -> np.ndarray:
+    """Decode to RGB like PIL's convert("RGB"): (height, width, 3) uint8."""

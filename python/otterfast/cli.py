@@ -108,9 +108,14 @@ def cmd_data_inspect(a) -> int:
     if a.save_arrays:
         import numpy as np
 
-        from .data.reference import ReferenceLoader
+        if a.backend == "native":
+            from .data.loader import NativeLoader
 
-        batch = ReferenceLoader(idx, image_transform=a.image_transform).collate([s])
+            batch = NativeLoader(idx, image_transform=a.image_transform, pack=False).collate_rows([[a.index]])
+        else:
+            from .data.reference import ReferenceLoader
+
+            batch = ReferenceLoader(idx, image_transform=a.image_transform, pack=False).collate_rows([[a.index]])
         np.savez(a.save_arrays, **{k: v for k, v in batch.items() if isinstance(v, np.ndarray)})
         rec["arrays"] = {k: list(v.shape) for k, v in batch.items() if isinstance(v, np.ndarray)}
     if a.json:
@@ -124,6 +129,22 @@ def cmd_data_inspect(a) -> int:
         if a.save_arrays:
             print(f"  arrays -> {a.save_arrays}: {rec['arrays']}")
     return 0
+
+
+def _bench_script(name: str) -> str:
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benches" / name
+    if not path.exists():
+        raise SystemExit(f"otterfast: {path} not found: benchmarks run from a source checkout (pip install -e .)")
+    return str(path)
+
+
+def cmd_bench_loader(a) -> int:
+    import runpy
+
+    mod = runpy.run_path(_bench_script("loader.py"))
+    return mod["main"](a.args)
 
 
 def cmd_demo(a) -> int:
@@ -203,7 +224,16 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--json", action="store_true", help="print JSON")
     x.add_argument("--save-arrays", metavar="FILE.npz", help="also write its model-ready arrays (reference loader)")
     x.add_argument("--image-transform", default="otter", choices=["otter", "clip"])
+    x.add_argument("--backend", default="reference", choices=["reference", "native"],
+                   help="which loader makes the --save-arrays arrays (default reference)")
     x.set_defaults(func=cmd_data_inspect)
+
+    b = sub.add_parser("bench", help="benchmarks (from a source checkout: benches/)")
+    bsub = b.add_subparsers(dest="bench_command", required=True)
+    x = bsub.add_parser("loader", help="Otter-style vs reference vs native loader, side by side; "
+                        "all arguments go to benches/loader.py (see its --help)", add_help=False)
+    x.add_argument("args", nargs=argparse.REMAINDER)
+    x.set_defaults(func=cmd_bench_loader)
     return p
 
 

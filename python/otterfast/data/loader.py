@@ -147,6 +147,20 @@ class NativeLoader(IterableDataset):
         self.epoch += 1  # a finished epoch: the next iter() is the next epoch
         self._yielded = 0
 
+    def collate_rows(self, rows: list[list[int]]) -> dict:
+        """One batch of the given rows (lists of index sample rows), outside any epoch (inspect, tests)."""
+        engine = self._engine_here()
+        engine.start([rows])
+        try:
+            b = engine.next_batch()
+        except ValueError as e:
+            raise DataError(str(e)) from None
+        finally:
+            engine.stop()
+        b["sample_id"] = [self.index.samples.column("sample_id")[int(i)].as_py() for i in b["sample_index"]]
+        b["group"] = [self.index.samples.column("group")[int(i)].as_py() for i in b["sample_index"]]
+        return b
+
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "batches": self._yielded, "seed": self.cfg.seed}
 
