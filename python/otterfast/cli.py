@@ -240,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from .data.defects import DataError
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:2] == ["bench", "loader"]:  # everything after goes to benches/loader.py, --help included
+        return cmd_bench_loader(argparse.Namespace(args=argv[2:]))
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
