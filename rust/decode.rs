@@ -7,7 +7,7 @@
 
 use image::{DynamicImage, ImageFormat};
 
-use crate::header::{decode_base64, ProbeError};
+use crate::header::ProbeError;
 
 /// An RGB image, rows of `width * 3` bytes.
 #[derive(Debug, Clone)]
@@ -41,10 +41,55 @@ pub fn decode_rgb(bytes: &[u8]) -> Result<Rgb, String> {
     Ok(to_rgb_like_pil(decoded))
 }
 
-/// Decode base64 text (either alphabet) then the image.
-pub fn decode_rgb_base64(text: &[u8]) -> Result<Rgb, String> {
-    let raw = decode_base64(text).map_err(|e| e.message())?;
-    decode_rgb(&raw)
+/// PIL's `JpegImageFile.draft` rule: the largest s in {8, 4, 2, 1} with s <= min(w / req_w, h / req_h).
+pub fn draft_scale(width: u32, height: u32, req_w: u32, req_h: u32) -> u32 {
+    let s = (width / req_w.max(1)).min(height / req_h.max(1));
+    [8, 4, 2, 1].into_iter().find(|&k| s >= k).unwrap_or(1)
+}
+
+/// Decode like `decode_rgb`, except greyscale and colour JPEGs: those go through libjpeg-turbo's decoder
+/// (PIL's own, so the pixels are PIL's exactly) and, when at least twice the requested size in both axes, at
+/// a reduced DCT scale (1/2, 1/4 or 1/8; output ceil(w / s) x ceil(h / s)), as PIL after
+/// `img.draft("RGB", (req, req))`. Measured on a 1000x800 q90 photo: 1.7 ms at 1/2 scale vs 2.5 ms for
+/// zune-jpeg's full decode and 4.8 ms for libjpeg-turbo's.
+pub fn decode_rgb_draft(bytes: &[u8], req_w: u32, req_h: u32) -> Result<Rgb, String> {
+    if sniff(bytes) != Some(ImageFormat::Jpeg) {
+        return decode_rgb(bytes);
+    }
+    // libjpeg reports errors by unwinding through the mozjpeg crate; catch that as well as any panic.
+    let attempt = std::panic::catch_unwind(|| -> Result<Option<Rgb>, String> {
+        let err = |e: std::io::Error| format!("cannot decode Jpeg: {e}");
+        let mut d = mozjpeg::Decompress::new_mem(bytes).map_err(err)?;
+        let (w, h) = d.size();
+        let s = draft_scale(w as u32, h as u32, req_w, req_h);
+        let colour = matches!(
+            d.color_space(),
+            mozjpeg::ColorSpace::JCS_YCbCr
+                | mozjpeg::ColorSpace::JCS_RGB
+                | mozjpeg::ColorSpace::JCS_GRAYSCALE
+        );
+        if !colour {
+            return Ok(None); // CMYK/YCCK: the full decoder and PIL's conversion rules
+        }
+        d.scale((8 / s) as u8);
+        let mut started = d.rgb().map_err(err)?;
+        let (ow, oh) = (started.width(), started.height());
+        let px: Vec<[u8; 3]> = started.read_scanlines().map_err(err)?;
+        started.finish().map_err(err)?;
+        if px.len() != ow * oh {
+            return Err("cannot decode Jpeg: truncated image data".into());
+        }
+        Ok(Some(Rgb {
+            width: ow as u32,
+            height: oh as u32,
+            data: px.into_iter().flatten().collect(),
+        }))
+    })
+    .map_err(|_| "cannot decode Jpeg: corrupt data".to_string())?;
+    match attempt? {
+        Some(rgb) => Ok(rgb),
+        None => decode_rgb(bytes),
+    }
 }
 
 fn to_rgb_like_pil(img: DynamicImage) -> Rgb {

@@ -123,6 +123,7 @@ impl PyNativeLoader {
             num_threads: get("num_threads")?.extract()?,
             prefetch: get("prefetch")?.extract()?,
             blob_window: get("blob_window")?.extract()?,
+            jpeg_draft: get("jpeg_draft")?.extract()?,
         };
         Ok(Self {
             index: Arc::new(index),
@@ -273,7 +274,8 @@ fn plan_batches(
 /// Decode + transform one encoded image: mode "otter" / "clip" -> (3, size, size) float32;
 /// "fuyu" -> (rows * cols, 2700) float32 patches, with (rows, cols).
 #[pyfunction]
-#[pyo3(signature = (data, mode, is_base64=false, size=224, max_h=1080, max_w=1920))]
+#[pyo3(signature = (data, mode, is_base64=false, size=224, max_h=1080, max_w=1920, jpeg_draft=false))]
+#[allow(clippy::too_many_arguments)]
 fn transform_image(
     py: Python<'_>,
     data: Vec<u8>,
@@ -282,9 +284,12 @@ fn transform_image(
     size: u32,
     max_h: u32,
     max_w: u32,
+    jpeg_draft: bool,
 ) -> PyResult<(Py<PyAny>, usize, usize)> {
     let (v, r, c) = py
-        .detach(move || pipeline::transform_one(&data, is_base64, &mode, size, max_h, max_w))
+        .detach(move || {
+            pipeline::transform_one(&data, is_base64, &mode, size, max_h, max_w, jpeg_draft)
+        })
         .map_err(PyValueError::new_err)?;
     let arr = if r > 0 {
         v.into_pyarray(py)
@@ -298,11 +303,16 @@ fn transform_image(
     Ok((arr, r, c))
 }
 
-/// Decode one encoded image to RGB like PIL's convert("RGB"): (height, width, 3) uint8.
+/// Decode one encoded image to RGB like PIL's convert("RGB"): (height, width, 3) uint8; with `draft`
+/// (a size), JPEGs are decoded at reduced DCT scale like PIL after `img.draft("RGB", (draft, draft))`.
 #[pyfunction]
-fn decode_image(py: Python<'_>, data: Vec<u8>) -> PyResult<Py<PyAny>> {
+#[pyo3(signature = (data, draft=None))]
+fn decode_image(py: Python<'_>, data: Vec<u8>, draft: Option<u32>) -> PyResult<Py<PyAny>> {
     let rgb = py
-        .detach(move || crate::decode::decode_rgb(&data))
+        .detach(move || match draft {
+            Some(s) => crate::decode::decode_rgb_draft(&data, s, s),
+            None => crate::decode::decode_rgb(&data),
+        })
         .map_err(PyValueError::new_err)?;
     let (h, w) = (rgb.height as usize, rgb.width as usize);
     Ok(rgb

@@ -13,7 +13,7 @@ use std::thread::JoinHandle;
 
 use rayon::prelude::*;
 
-use crate::decode::{decode_rgb, decode_rgb_base64, Rgb};
+use crate::decode::{decode_rgb, Rgb};
 use crate::pack::Batch;
 use crate::shard;
 use crate::transform;
@@ -82,6 +82,7 @@ pub struct Config {
     pub num_threads: usize,
     pub prefetch: usize,
     pub blob_window: usize,
+    pub jpeg_draft: bool,
 }
 
 #[derive(Default)]
@@ -206,10 +207,17 @@ fn decode_into(
     slot: &mut [f32],
 ) -> Result<(), String> {
     let src = &ix.sources[ix.img_source[img as usize] as usize];
-    let rgb: Rgb = if src.base64 {
-        decode_rgb_base64(blob)?
+    let raw;
+    let bytes: &[u8] = if src.base64 {
+        raw = crate::header::decode_base64(blob).map_err(|e| e.message())?;
+        &raw
     } else {
-        decode_rgb(blob)?
+        blob
+    };
+    let rgb: Rgb = if cfg.jpeg_draft && !cfg.fuyu {
+        crate::decode::decode_rgb_draft(bytes, cfg.image_size, cfg.image_size)?
+    } else {
+        decode_rgb(bytes)?
     };
     if cfg.fuyu {
         transform::fuyu_patches_into(&rgb, cfg.fuyu_max_h, cfg.fuyu_max_w, slot).map(|_| ())
@@ -484,7 +492,9 @@ fn produce(
         // A window of batches whose images are read from the tables together (each row group once).
         let mut end = start;
         let mut imgs: Vec<u32> = Vec::new();
-        while end < batches.len() && (end == start || imgs.len() < cfg.blob_window) {
+        // The first window is one batch, so that the first batch comes without waiting for a full window.
+        let window = if start == 0 { 1 } else { cfg.blob_window };
+        while end < batches.len() && (end == start || imgs.len() < window) {
             for &s in batches[end].iter().flatten() {
                 imgs.extend(ix.media(s as usize).flatten().copied());
             }
@@ -544,11 +554,19 @@ pub fn transform_one(
     size: u32,
     max_h: u32,
     max_w: u32,
+    draft: bool,
 ) -> Result<(Vec<f32>, usize, usize), String> {
-    let rgb = if is_base64 {
-        decode_rgb_base64(blob)?
+    let raw;
+    let bytes: &[u8] = if is_base64 {
+        raw = crate::header::decode_base64(blob).map_err(|e| e.message())?;
+        &raw
     } else {
-        decode_rgb(blob)?
+        blob
+    };
+    let rgb = if draft && mode != "fuyu" {
+        crate::decode::decode_rgb_draft(bytes, size, size)?
+    } else {
+        decode_rgb(bytes)?
     };
     let mut out = Vec::new();
     match mode {

@@ -50,9 +50,9 @@ def compare(native, reference, pix_key, max_abs, mean_abs):
     return worst, mean
 
 
-@pytest.mark.parametrize("pack", [False, True])
-def test_native_equals_reference_otter(demo_index, pack):
-    kw = dict(batch_size=4, seed=5, pack=pack, capacity=512)
+@pytest.mark.parametrize("pack,draft", [(False, False), (True, False), (True, True)])
+def test_native_equals_reference_otter(demo_index, pack, draft):
+    kw = dict(batch_size=4, seed=5, pack=pack, capacity=512, jpeg_draft=draft)
     compare(NativeLoader(demo_index, **kw), ReferenceLoader(demo_index, **kw), "pixel_values",
             OTTER_MAX_ABS, OTTER_MEAN_ABS)
 
@@ -189,6 +189,23 @@ def test_decode_matches_pil(fmt, mode, kw, max_levels):
     got = _native.decode_image(data).astype(np.int16)
     assert got.shape == want.shape
     assert np.abs(got - want).max() <= max_levels
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "CMYK"])
+@pytest.mark.parametrize("size", [(300, 200), (700, 500), (2000, 1900), (224, 900)])
+def test_jpeg_draft_decode_is_pil_draft(mode, size):
+    """The draft path (libjpeg-turbo, DCT-scaled when large) decodes exactly what PIL decodes after
+    img.draft("RGB", (224, 224))."""
+    img = _photo().resize(size).convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=92)
+    data = buf.getvalue()
+    want = np.asarray(I.decode_rgb(data, 224), dtype=np.int16)
+    got = _native.decode_image(data, 224).astype(np.int16)
+    assert got.shape == want.shape
+    assert np.abs(got - want).max() <= (0 if mode != "CMYK" else 4)  # CMYK: no draft, the full decoder
+    if min(size) >= 448 and mode != "CMYK":
+        assert got.shape[0] < size[1]  # really decoded at reduced scale
 
 
 @pytest.mark.parametrize("w,h", [(1, 1), (37, 61), (300, 200), (2000, 1200), (1000, 2500)])

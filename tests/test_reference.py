@@ -78,7 +78,7 @@ def test_fuyu_token_counts_from_reference_table():
 
 def test_otter_batch_unpacked(demo_index):
     idx = PreparedIndex(demo_index)
-    loader = ReferenceLoader(idx, batch_size=6, seed=3, pack=False)
+    loader = ReferenceLoader(idx, batch_size=6, seed=3, pack=False, jpeg_draft=False)
     batch = next(iter(loader))
     B, T = batch["input_ids"].shape
     assert B == 6 and batch["labels"].shape == (B, T)

@@ -30,6 +30,11 @@ class LoaderConfig:
     window: int = 1000  # best-fit-decreasing window, in samples
     image_transform: str = "otter"  # "otter" (square bicubic resize) or "clip" (resize + centre crop)
     image_size: int = 224
+    # Otter/CLIP pixels: decode greyscale/colour JPEGs at least 2x the target size (both axes) at reduced DCT
+    # scale (1/2..1/8), as PIL's draft() does, before resizing; the native loader then decodes JPEGs with
+    # libjpeg-turbo, exactly as PIL. Off: Otter's full decode (native: zune-jpeg, within 4 levels of PIL).
+    # Never used for Fuyu patches.
+    jpeg_draft: bool = True
     rank: int = 0
     world_size: int = 1
     even_batches: bool = True  # drop the last batches that do not fill a round of ranks

@@ -37,9 +37,15 @@ def b64decode(text: bytes | str) -> bytes:
     return base64.urlsafe_b64decode(text + b"=" * (-len(text) % 4))
 
 
-def decode_rgb(data: bytes) -> Image.Image:
-    """Encoded bytes -> RGB PIL image (first frame of a GIF; alpha dropped; CMYK/L/P converted), like Otter."""
+def decode_rgb(data: bytes, draft: int | None = None) -> Image.Image:
+    """Encoded bytes -> RGB PIL image (first frame of a GIF; alpha dropped; CMYK/L/P converted), like Otter.
+
+    With `draft` (a size), a greyscale or colour JPEG is decoded at reduced DCT scale first
+    (`img.draft("RGB", (draft, draft))`: the largest of 1/2, 1/4, 1/8 keeping both sides >= draft).
+    """
     with Image.open(io.BytesIO(data)) as im:
+        if draft and im.format == "JPEG" and im.mode in ("L", "RGB"):
+            im.draft("RGB", (draft, draft))
         return im.convert("RGB")
 
 

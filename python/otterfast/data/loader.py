@@ -82,6 +82,7 @@ class NativeLoader(IterableDataset):
             "pack": bool(self.cfg.pack), "capacity": int(self.capacity),
             "skip_errors": self.cfg.on_error == "skip", "num_threads": int(self.cfg.num_threads),
             "prefetch": int(self.cfg.prefetch), "blob_window": int(self.cfg.blob_window),
+            "jpeg_draft": bool(self.cfg.jpeg_draft),
         }
 
         def icol(name, dtype):

@@ -68,7 +68,7 @@ class ReferenceLoader:
 
     # ---- pixels ------------------------------------------------------------------------------------
 
-    def load_image(self, image_row: int):
+    def load_image(self, image_row: int, draft: int | None = None):
         source, ref = self.index.image_ref(image_row)
         try:
             blob = self.blobs.read(source, ref)
@@ -76,7 +76,7 @@ class ReferenceLoader:
                 raise ValueError("null image bytes")
             if self.index.sources[source].encoding == "base64":
                 blob = imgs.b64decode(blob)
-            return imgs.decode_rgb(blob)
+            return imgs.decode_rgb(blob, draft)
         except Exception as e:  # PIL raises many types for bad bytes
             info = self.index.image(image_row)
             src = self.index.sources[source]
@@ -116,7 +116,8 @@ class ReferenceLoader:
 
     def pixels(self, image_row: int) -> np.ndarray:
         tf = imgs.IMAGE_TRANSFORMS[self.cfg.image_transform]
-        return tf(self.load_image(image_row), self.cfg.image_size)
+        draft = self.cfg.image_size if self.cfg.jpeg_draft else None
+        return tf(self.load_image(image_row, draft), self.cfg.image_size)
 
     def collate(self, samples: list[Sample]) -> dict:
         """One sample per row, padded to the longest (what `pack=False` yields)."""
