@@ -85,7 +85,12 @@ def generate(out: str, n: int, seed: int = 0) -> str:
 # ---- one backend, in its own process ------------------------------------------------------------------
 
 def worker(a) -> dict:
+    import torch  # noqa: F401  every training process has torch: the same floor for every backend
+
     from otterfast.data.index import PreparedIndex
+    from otterfast.data.loader import NativeLoader
+    from otterfast.data.otter_style import OtterStyleLoader
+    from otterfast.data.reference import ReferenceLoader
 
     idx = PreparedIndex(a.index)
     w = idx.images.column("width").to_numpy().astype(np.int64)
@@ -93,16 +98,10 @@ def worker(a) -> dict:
     media = idx.samples.column("media_images").to_pylist()
     t0 = time.perf_counter()
     if a.worker == "otter_style":
-        from otterfast.data.otter_style import OtterStyleLoader
-
         loader = OtterStyleLoader(idx, batch_size=a.batch_size)
     elif a.worker == "reference":
-        from otterfast.data.reference import ReferenceLoader
-
         loader = ReferenceLoader(idx, batch_size=a.rows, pack=True, capacity=a.capacity)
     else:
-        from otterfast.data.loader import NativeLoader
-
         loader = NativeLoader(idx, batch_size=a.rows, pack=True, capacity=a.capacity, num_threads=a.threads)
     samples = images = mp = tokens = slots = 0
     first = None
@@ -207,9 +206,11 @@ def env_info() -> dict:
 def markdown(report: dict) -> str:
     e = report["env"]
     lines = [f"# loader benchmark ({e['date']}, {e['cpus']} CPUs: {e['cpu']}; {e['simd']})", "",
-             f"Packed rows of {report['capacity']} tokens, {report['rows']} row(s) per batch (reference, native); "
-             f"Otter-style: pad-to-longest batches of {report['batch_size']}. Medians of {report['rounds']} "
-             "interleaved rounds, each backend in its own process.", ""]
+             f"Packed rows of {report['capacity']} tokens, {report['rows']} row(s) per batch (reference, native; "
+             f"defaults otherwise: JPEG draft decoding on); Otter-style: pad-to-longest batches of "
+             f"{report['batch_size']}, 0 workers. Medians of {report['rounds']} interleaved rounds, each backend in "
+             "its own process with torch imported (peak RSS includes that floor); throughput counts the batches "
+             "after the first; first batch = construction to first batch.", ""]
     for part in report["datasets"]:
         lines += [f"## {part['label']}: {part['samples']} samples, {part['images']} images; PIL decode floor "
                   f"{part['decode_floor_mp_per_s_per_core']} MP/s per core", "",
