@@ -128,6 +128,30 @@ def test_zero_copy_to_torch_and_dataloader(demo_index):
     assert isinstance(next(iter(dl))["input_ids"], torch.Tensor)
 
 
+def test_forked_process_starts_its_own_threads(demo_index):
+    """A loader used (threads started) in the parent keeps working in a forked child (DataLoader-style fork),
+    and pickles without its engine (spawned workers)."""
+    import multiprocessing as mp
+    import pickle
+
+    loader = NativeLoader(demo_index, batch_size=2, pack=False)
+    parent = next(iter(loader))["input_ids"]
+    loader.set_epoch(0)
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+
+    def child():
+        q.put(next(iter(loader))["input_ids"].tolist())
+
+    p = ctx.Process(target=child)
+    p.start()
+    p.join(timeout=60)
+    assert p.exitcode == 0
+    assert q.get(timeout=5) == parent.tolist()
+    clone = pickle.loads(pickle.dumps(loader))
+    assert next(iter(clone))["input_ids"].tolist() == parent.tolist()
+
+
 def _corrupt_dataset(mini, tmp_path, demo_tok_dir):
     good = encode_image(40, 30, "JPEG", seed=1)
     bad = encode_image(200, 150, "PNG", seed=2)

@@ -59,9 +59,12 @@ def plan_batches(
     """(this rank's batches, batches dropped to keep ranks even); the twin of data.batching."""
 
 def transform_image(
-    data: bytes, mode: str, is_base64: bool = False, size: int = 224, max_h: int = 1080, max_w: int = 1920
+    data: bytes, mode: str, is_base64: bool = False, size: int = 224, max_h: int = 1080, max_w: int = 1920,
+    jpeg_draft: bool = False,
 ) -> tuple[np.ndarray, int, int]:
-    """Decode + transform one image: "otter"/"clip" -> (3, size, size) float32, "fuyu" -> (rows*cols, 2700)."""
+    """Decode + transform one image: "otter"/"clip" -> (3, size, size) float32, "fuyu" -> (rows*cols, 2700);
+    with jpeg_draft, JPEGs are decoded as by `decode_image(data, draft=size)`."""
 
-def decode_image(data: bytes) -> np.ndarray:
-    """Decode to RGB like PIL's convert("RGB"): (height, width, 3) uint8."""
+def decode_image(data: bytes, draft: int | None = None) -> np.ndarray:
+    """Decode to RGB like PIL's convert("RGB"): (height, width, 3) uint8. With `draft` (a size), greyscale and
+    colour JPEGs are decoded by libjpeg-turbo exactly as PIL after img.draft("RGB", (draft, draft))."""

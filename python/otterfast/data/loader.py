@@ -107,6 +107,12 @@ class NativeLoader(IterableDataset):
 
     # ---- plan and iteration --------------------------------------------------------------------------
 
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_engine"] = None  # threads and Rust buffers do not travel; the copy builds its own
+        state["_pid"] = None
+        return state
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
         self._resume_at = 0
