@@ -96,6 +96,9 @@ def worker(a) -> dict:
     w = idx.images.column("width").to_numpy().astype(np.int64)
     h = idx.images.column("height").to_numpy().astype(np.int64)
     media = idx.samples.column("media_images").to_pylist()
+    # per-sample image count and source megapixels, so that accounting costs one numpy gather per batch
+    n_img_of = np.array([sum(len(m) for m in ms) for ms in media], dtype=np.int64)
+    mp_of = np.array([sum(int(w[i] * h[i]) for m in ms for i in m) for ms in media], dtype=np.float64) / 1e6
     t0 = time.perf_counter()
     if a.worker == "otter_style":
         loader = OtterStyleLoader(idx, batch_size=a.batch_size)
@@ -107,16 +110,16 @@ def worker(a) -> dict:
     first = None
     t_first = None
     for batch in loader:
-        rows = batch["sample_index"].tolist()
-        n_img = sum(len(m) for r in rows for m in media[r])
-        px = sum(int(w[i] * h[i]) for r in rows for m in media[r] for i in m)
+        rows = batch["sample_index"]
+        n_img = int(n_img_of[rows].sum())
+        px = float(mp_of[rows].sum())
         if first is None:
             t_first = time.perf_counter()
             first = time.perf_counter() - t0
         else:
             samples += len(rows)
             images += n_img
-            mp += px / 1e6
+            mp += px
             tokens += int(batch["attention_mask"].sum())
             slots += int(batch["attention_mask"].size)
         if samples >= a.samples:
