@@ -30,7 +30,7 @@ impl PyNativeLoader {
     #[new]
     #[allow(clippy::too_many_arguments)]
     #[pyo3(signature = (tok_off, tokens, span_off, spans, mpos_off, mpos, media_off, media_img_off, media_imgs,
-                        datasets, img_source, img_file, img_rg, img_row, img_off, img_len, img_w, img_h, img_ids,
+                        datasets, img_source, img_file, img_rg, img_row, img_off, img_len, img_w, img_h, img_bytes, img_ids,
                         sources, options))]
     fn new(
         tok_off: PyReadonlyArray1<'_, i64>,
@@ -51,6 +51,7 @@ impl PyNativeLoader {
         img_len: PyReadonlyArray1<'_, i64>,
         img_w: PyReadonlyArray1<'_, i32>,
         img_h: PyReadonlyArray1<'_, i32>,
+        img_bytes: PyReadonlyArray1<'_, i64>,
         img_ids: Vec<String>,
         sources: Vec<(bool, Vec<String>, String, bool)>,
         options: &Bound<'_, PyDict>,
@@ -77,6 +78,11 @@ impl PyNativeLoader {
             img_len: img_len.as_slice()?.to_vec(),
             img_w: u32v(img_w)?,
             img_h: u32v(img_h)?,
+            img_bytes: img_bytes
+                .as_slice()?
+                .iter()
+                .map(|&x| x.max(0) as u64)
+                .collect(),
             img_ids,
             sources: sources
                 .into_iter()
@@ -123,6 +129,7 @@ impl PyNativeLoader {
             num_threads: get("num_threads")?.extract()?,
             prefetch: get("prefetch")?.extract()?,
             blob_window: get("blob_window")?.extract()?,
+            blob_window_bytes: get("blob_window_bytes")?.extract()?,
             jpeg_draft: get("jpeg_draft")?.extract()?,
         };
         Ok(Self {

@@ -2,19 +2,26 @@
 //! same tie-breaking, tested equal).
 
 /// Best-fit-decreasing over windows of `window` samples: in decreasing length (ties: order), each sample
-/// goes to the open row with the least room that still fits, else a new row.
+/// goes to the open row with the least room that still fits, else a new row. Each window's least-full row
+/// (most room; ties: the later row) is carried into the next window (see batching.plan_rows).
 pub fn plan_rows(
     lengths: &[u32],
     order: &[u32],
     capacity: u32,
     window: usize,
 ) -> Result<Vec<Vec<u32>>, String> {
+    let window = window.max(1);
     let mut rows = Vec::new();
-    for chunk in order.chunks(window.max(1)) {
+    let mut carried: Option<(Vec<u32>, u32)> = None;
+    for (ci, chunk) in order.chunks(window).enumerate() {
         let mut ranked: Vec<usize> = (0..chunk.len()).collect();
         ranked.sort_by_key(|&i| (std::cmp::Reverse(lengths[chunk[i] as usize]), i));
         let mut bins: Vec<Vec<u32>> = Vec::new();
         let mut room: Vec<u32> = Vec::new();
+        if let Some((b, r)) = carried.take() {
+            bins.push(b);
+            room.push(r);
+        }
         for i in ranked {
             let s = chunk[i];
             let n = lengths[s as usize];
@@ -41,6 +48,11 @@ pub fn plan_rows(
                     room.push(capacity - n);
                 }
             }
+        }
+        let last = (ci + 1) * window >= order.len();
+        if !last && !bins.is_empty() {
+            let k = (0..bins.len()).max_by_key(|&b| (room[b], b)).unwrap();
+            carried = Some((bins.remove(k), room.remove(k)));
         }
         rows.extend(bins);
     }

@@ -45,6 +45,7 @@ pub struct IndexData {
     pub img_len: Vec<i64>,
     pub img_w: Vec<u32>,
     pub img_h: Vec<u32>,
+    pub img_bytes: Vec<u64>, // encoded size, as stored (base64 included)
     pub img_ids: Vec<String>,
     pub sources: Vec<Source>,
 }
@@ -82,6 +83,7 @@ pub struct Config {
     pub num_threads: usize,
     pub prefetch: usize,
     pub blob_window: usize,
+    pub blob_window_bytes: usize,
     pub jpeg_draft: bool,
 }
 
@@ -494,9 +496,16 @@ fn produce(
         let mut imgs: Vec<u32> = Vec::new();
         // The first window is one batch, so that the first batch comes without waiting for a full window.
         let window = if start == 0 { 1 } else { cfg.blob_window };
-        while end < batches.len() && (end == start || imgs.len() < window) {
+        // Bounded by images and by stored bytes (a window of big photos must not take gigabytes).
+        let mut bytes = 0usize;
+        while end < batches.len()
+            && (end == start || (imgs.len() < window && bytes < cfg.blob_window_bytes))
+        {
             for &s in batches[end].iter().flatten() {
-                imgs.extend(ix.media(s as usize).flatten().copied());
+                for &img in ix.media(s as usize).flatten() {
+                    imgs.push(img);
+                    bytes += ix.img_bytes[img as usize] as usize;
+                }
             }
             end += 1;
         }

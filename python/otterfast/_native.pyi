@@ -42,7 +42,7 @@ class NativeLoader:
         mpos_off: np.ndarray, mpos: np.ndarray, media_off: np.ndarray, media_img_off: np.ndarray,
         media_imgs: np.ndarray, datasets: list[str], img_source: np.ndarray, img_file: np.ndarray,
         img_rg: np.ndarray, img_row: np.ndarray, img_off: np.ndarray, img_len: np.ndarray,
-        img_w: np.ndarray, img_h: np.ndarray, img_ids: list[str],
+        img_w: np.ndarray, img_h: np.ndarray, img_bytes: np.ndarray, img_ids: list[str],
         sources: list[tuple[bool, list[str], str, bool]], options: dict,
     ) -> None: ...
     def start(self, batches: list[list[list[int]]]) -> None:

@@ -42,6 +42,7 @@ class LoaderConfig:
     num_threads: int = 0  # native only: 0 = all cores
     prefetch: int = 2  # native only: batches decoded ahead (a packed Otter row of 4096 tokens can hold ~100 MB of pixels)
     blob_window: int = 1024  # native only: images whose encoded bytes are read from the tables at once
+    blob_window_mb: int = 256  # native only: ... and at most this many MiB of them
 
     @classmethod
     def make(cls, config: "LoaderConfig | None" = None, **overrides) -> "LoaderConfig":
@@ -61,13 +62,19 @@ class LoaderConfig:
 
 
 def plan_rows(lengths: list[int], order: list[int], capacity: int, window: int) -> list[list[int]]:
-    """Best-fit-decreasing packing of `order` (sample rows) into rows of `capacity` tokens."""
+    """Best-fit-decreasing packing of `order` (sample rows) into rows of `capacity` tokens.
+
+    Each window's least-full row (the most room; ties: the later row) is not emitted but carried into the
+    next window as an open row, so short samples of the next window fill it: without this, the last row of
+    every window is half empty (measured: 4% padding at 4,096 tokens with ~56-token samples).
+    """
     rows: list[list[int]] = []
+    carried: list[tuple[list[int], int]] = []  # at most one (row, room)
     for start in range(0, len(order), window):
         chunk = order[start : start + window]
         ranked = sorted(range(len(chunk)), key=lambda i: (-lengths[chunk[i]], i))
-        bins: list[list[int]] = []
-        room: list[int] = []
+        bins: list[list[int]] = [b for b, _ in carried]
+        room: list[int] = [r for _, r in carried]
         for i in ranked:
             s = chunk[i]
             n = lengths[s]
@@ -83,6 +90,10 @@ def plan_rows(lengths: list[int], order: list[int], capacity: int, window: int) 
             else:
                 bins[best].append(s)
                 room[best] -= n
+        carried = []
+        if start + window < len(order) and bins:
+            k = max(range(len(bins)), key=lambda b: (room[b], b))
+            carried = [(bins.pop(k), room.pop(k))]
         rows += bins
     return rows
 

@@ -85,7 +85,7 @@ class NativeLoader(IterableDataset):
             "pack": bool(self.cfg.pack), "capacity": int(self.capacity),
             "skip_errors": self.cfg.on_error == "skip", "num_threads": int(self.cfg.num_threads),
             "prefetch": int(self.cfg.prefetch), "blob_window": int(self.cfg.blob_window),
-            "jpeg_draft": bool(self.cfg.jpeg_draft),
+            "jpeg_draft": bool(self.cfg.jpeg_draft), "blob_window_bytes": int(self.cfg.blob_window_mb) << 20,
         }
 
         def icol(name, dtype):
@@ -97,9 +97,16 @@ class NativeLoader(IterableDataset):
             _values(media_inner, np.int32), t.column("dataset").to_pylist(),
             icol("source", np.int32), icol("file", np.int32), icol("row_group", np.int32), icol("row", np.int32),
             icol("byte_offset", np.int64), icol("byte_length", np.int64), icol("width", np.int32),
-            icol("height", np.int32), im.column("image_id").to_pylist(),
+            icol("height", np.int32), self._stored_bytes(), im.column("image_id").to_pylist(),
             src, options,
         )
+
+    def _stored_bytes(self) -> np.ndarray:
+        """Each image's size as stored (base64 is 4/3 of the encoded bytes), for the byte-bounded read window."""
+        im = self.index.images
+        n = im.column("encoded_len").to_numpy().astype(np.int64)
+        b64 = np.array([self.index.sources[s].encoding == "base64" for s in im.column("source").to_pylist()], bool)
+        return np.where(b64, (n * 4 + 2) // 3, n).astype(np.int64)
 
     def _engine_here(self):
         # A fork after construction must not reuse the parent's engine (its threads do not exist here).
