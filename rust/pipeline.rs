@@ -230,6 +230,12 @@ fn decode_into(
     }
 }
 
+/// An image's Fuyu patch grid, from its header size (the decoded image must agree; decode_into checks).
+fn fuyu_grid(ix: &IndexData, cfg: &Config, img: u32) -> (usize, usize) {
+    let i = img as usize;
+    transform::fuyu_grid(ix.img_h[i], ix.img_w[i], cfg.fuyu_max_h, cfg.fuyu_max_w)
+}
+
 /// Tokens, labels and media of a batch, with a slot (offset, length) in the pixel buffer for every image,
 /// computed from the index alone (Fuyu grids come from the header sizes). `skip` holds samples left out.
 fn layout(
@@ -290,13 +296,7 @@ fn layout(
                         continue;
                     }
                     for &img in media[m] {
-                        let i = img as usize;
-                        let (rows, cols) = transform::fuyu_grid(
-                            ix.img_h[i],
-                            ix.img_w[i],
-                            cfg.fuyu_max_h,
-                            cfg.fuyu_max_w,
-                        );
+                        let (rows, cols) = fuyu_grid(ix, cfg, img);
                         for r in 0..rows {
                             for c in 0..cols {
                                 q.ids.push(cfg.placeholder_id);
@@ -373,13 +373,7 @@ fn layout(
                 order.sort_by_key(|&m| (mpos[m], m));
                 for m in order {
                     for &img in media[m] {
-                        let i = img as usize;
-                        let (r, c) = transform::fuyu_grid(
-                            ix.img_h[i],
-                            ix.img_w[i],
-                            cfg.fuyu_max_h,
-                            cfg.fuyu_max_w,
-                        );
+                        let (r, c) = fuyu_grid(ix, cfg, img);
                         let len = r * c * transform::PATCH_DIM;
                         slots.push((img, cursor, len));
                         cursor += len;
