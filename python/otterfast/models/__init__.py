@@ -1,0 +1,1 @@
+"""Models: OtterHD (Fuyu) now; Otter (OpenFlamingo) next (see README status)."""
