@@ -12,10 +12,6 @@ use pyo3::types::PyDict;
 use crate::pack;
 use crate::pipeline::{self, BatchOut, Config, IndexData, Running, Source};
 
-fn offsets(a: PyReadonlyArray1<'_, i64>) -> PyResult<Vec<usize>> {
-    Ok(a.as_slice()?.iter().map(|&x| x as usize).collect())
-}
-
 #[pyclass(name = "NativeLoader", module = "otterfast._native")]
 pub struct PyNativeLoader {
     index: Arc<IndexData>,
@@ -26,62 +22,59 @@ pub struct PyNativeLoader {
 
 #[pymethods]
 impl PyNativeLoader {
-    /// Built by otterfast.data.loader.NativeLoader from a prepared index; see that class.
+    /// Built by otterfast.data.loader.NativeLoader from a prepared index; see that class. `arrays` maps each
+    /// IndexData field name to a 1-D int32/int64 numpy array (offsets are int64).
     #[new]
-    #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (tok_off, tokens, span_off, spans, mpos_off, mpos, media_off, media_img_off, media_imgs,
-                        datasets, img_source, img_file, img_rg, img_row, img_off, img_len, img_w, img_h, img_bytes, img_ids,
-                        sources, options))]
     fn new(
-        tok_off: PyReadonlyArray1<'_, i64>,
-        tokens: PyReadonlyArray1<'_, i32>,
-        span_off: PyReadonlyArray1<'_, i64>,
-        spans: PyReadonlyArray1<'_, i32>,
-        mpos_off: PyReadonlyArray1<'_, i64>,
-        mpos: PyReadonlyArray1<'_, i32>,
-        media_off: PyReadonlyArray1<'_, i64>,
-        media_img_off: PyReadonlyArray1<'_, i64>,
-        media_imgs: PyReadonlyArray1<'_, i32>,
+        arrays: &Bound<'_, PyDict>,
         datasets: Vec<String>,
-        img_source: PyReadonlyArray1<'_, i32>,
-        img_file: PyReadonlyArray1<'_, i32>,
-        img_rg: PyReadonlyArray1<'_, i32>,
-        img_row: PyReadonlyArray1<'_, i32>,
-        img_off: PyReadonlyArray1<'_, i64>,
-        img_len: PyReadonlyArray1<'_, i64>,
-        img_w: PyReadonlyArray1<'_, i32>,
-        img_h: PyReadonlyArray1<'_, i32>,
-        img_bytes: PyReadonlyArray1<'_, i64>,
         img_ids: Vec<String>,
         sources: Vec<(bool, Vec<String>, String, bool)>,
         options: &Bound<'_, PyDict>,
     ) -> PyResult<Self> {
-        let u32v = |a: PyReadonlyArray1<'_, i32>| -> PyResult<Vec<u32>> {
-            Ok(a.as_slice()?.iter().map(|&x| x as u32).collect())
+        let get = |k: &str| -> PyResult<Bound<'_, PyAny>> {
+            arrays
+                .get_item(k)?
+                .ok_or_else(|| PyValueError::new_err(format!("missing array {k:?}")))
+        };
+        let i64s = |k: &str| -> PyResult<Vec<i64>> {
+            let a = get(k)?;
+            let a: PyReadonlyArray1<'_, i64> = a.extract()?;
+            Ok(a.as_slice()?.to_vec())
+        };
+        let i32s = |k: &str| -> PyResult<Vec<i32>> {
+            let a = get(k)?;
+            let a: PyReadonlyArray1<'_, i32> = a.extract()?;
+            Ok(a.as_slice()?.to_vec())
+        };
+        let offs = |k: &str| -> PyResult<Vec<usize>> {
+            Ok(i64s(k)?.into_iter().map(|x| x as usize).collect())
+        };
+        let u32s = |k: &str| -> PyResult<Vec<u32>> {
+            Ok(i32s(k)?.into_iter().map(|x| x as u32).collect())
         };
         let index = IndexData {
-            tok_off: offsets(tok_off)?,
-            tokens: tokens.as_slice()?.to_vec(),
-            span_off: offsets(span_off)?,
-            spans: spans.as_slice()?.to_vec(),
-            mpos_off: offsets(mpos_off)?,
-            mpos: mpos.as_slice()?.to_vec(),
-            media_off: offsets(media_off)?,
-            media_img_off: offsets(media_img_off)?,
-            media_imgs: u32v(media_imgs)?,
+            tok_off: offs("tok_off")?,
+            tokens: i32s("tokens")?,
+            span_off: offs("span_off")?,
+            spans: i32s("spans")?,
+            mpos_off: offs("mpos_off")?,
+            mpos: i32s("mpos")?,
+            media_off: offs("media_off")?,
+            media_img_off: offs("media_img_off")?,
+            media_imgs: u32s("media_imgs")?,
             datasets,
-            img_source: u32v(img_source)?,
-            img_file: u32v(img_file)?,
-            img_rg: u32v(img_rg)?,
-            img_row: u32v(img_row)?,
-            img_off: img_off.as_slice()?.to_vec(),
-            img_len: img_len.as_slice()?.to_vec(),
-            img_w: u32v(img_w)?,
-            img_h: u32v(img_h)?,
-            img_bytes: img_bytes
-                .as_slice()?
-                .iter()
-                .map(|&x| x.max(0) as u64)
+            img_source: u32s("img_source")?,
+            img_file: u32s("img_file")?,
+            img_rg: u32s("img_rg")?,
+            img_row: u32s("img_row")?,
+            img_off: i64s("img_off")?,
+            img_len: i64s("img_len")?,
+            img_w: u32s("img_w")?,
+            img_h: u32s("img_h")?,
+            img_bytes: i64s("img_bytes")?
+                .into_iter()
+                .map(|x| x.max(0) as u64)
                 .collect(),
             img_ids,
             sources: sources

@@ -75,3 +75,35 @@ def test_packed_backward_is_finite(demo_index_fuyu):
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
     assert model.model.vision_embed_tokens.weight.grad.abs().sum() > 0
+
+
+def test_model_configs_load_and_tiny_builds(demo_index_fuyu):
+    import glob
+    import os
+
+    from otterfast.models.otterhd import OtterHDConfig, build_otterhd, flops_per_token
+
+    root = os.path.join(os.path.dirname(__file__), "..", "configs", "models")
+    paths = sorted(glob.glob(os.path.join(root, "otterhd-*.yaml")))
+    assert len(paths) >= 2
+    for p in paths:
+        cfg = OtterHDConfig.load(p)
+        if cfg.checkpoint:
+            with pytest.raises(FileNotFoundError, match="local copy"):
+                build_otterhd(cfg)
+    idx = PreparedIndex(demo_index_fuyu)
+    model = build_otterhd(OtterHDConfig.load(os.path.join(root, "otterhd-tiny.yaml")), idx.tok["vocab_size"],
+                          idx.tok["fuyu_placeholder_id"])
+    assert model.config.image_token_id == idx.tok["fuyu_placeholder_id"]
+    n_params = sum(p.numel() for p in model.parameters())
+    f = flops_per_token(model, 2048)
+    assert 6 * (n_params - model.get_input_embeddings().weight.numel()) < f < 6 * n_params + 12 * 2 * 64 * 2048 + 1
+
+
+def test_unknown_model_config_key(tmp_path):
+    from otterfast.models.otterhd import OtterHDConfig
+
+    p = tmp_path / "m.yaml"
+    p.write_text("architecture: otterhd\ncheckpoint: null\nhidden: 3\n")
+    with pytest.raises(ValueError, match="unknown key"):
+        OtterHDConfig.load(str(p))

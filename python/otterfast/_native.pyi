@@ -38,13 +38,14 @@ class NativeLoader:
 
     def __init__(
         self,
-        tok_off: np.ndarray, tokens: np.ndarray, span_off: np.ndarray, spans: np.ndarray,
-        mpos_off: np.ndarray, mpos: np.ndarray, media_off: np.ndarray, media_img_off: np.ndarray,
-        media_imgs: np.ndarray, datasets: list[str], img_source: np.ndarray, img_file: np.ndarray,
-        img_rg: np.ndarray, img_row: np.ndarray, img_off: np.ndarray, img_len: np.ndarray,
-        img_w: np.ndarray, img_h: np.ndarray, img_bytes: np.ndarray, img_ids: list[str],
-        sources: list[tuple[bool, list[str], str, bool]], options: dict,
-    ) -> None: ...
+        arrays: dict[str, np.ndarray],
+        datasets: list[str],
+        img_ids: list[str],
+        sources: list[tuple[bool, list[str], str, bool]],
+        options: dict,
+    ) -> None:
+        """arrays: the flattened index (tok_off, tokens, span_off, spans, mpos_off, mpos, media_off, media_img_off,
+        media_imgs, img_source, img_file, img_rg, img_row, img_off, img_len, img_w, img_h, img_bytes)."""
     def start(self, batches: list[list[list[int]]]) -> None:
         """Produce these batches (rows of index sample rows) on a fresh thread + pool; stops a running epoch."""
     def next_batch(self) -> dict[str, np.ndarray | int] | None:

@@ -91,15 +91,19 @@ class NativeLoader(IterableDataset):
         def icol(name, dtype):
             return np.ascontiguousarray(im.column(name).to_numpy(), dtype=dtype)
 
-        return _native.NativeLoader(
-            _offsets(ids), _values(ids, np.int32), _offsets(spans), _values(spans, np.int32),
-            _offsets(mpos), _values(mpos, np.int32), _offsets(media), _offsets(media_inner),
-            _values(media_inner, np.int32), t.column("dataset").to_pylist(),
-            icol("source", np.int32), icol("file", np.int32), icol("row_group", np.int32), icol("row", np.int32),
-            icol("byte_offset", np.int64), icol("byte_length", np.int64), icol("width", np.int32),
-            icol("height", np.int32), self._stored_bytes(), im.column("image_id").to_pylist(),
-            src, options,
-        )
+        arrays = {
+            "tok_off": _offsets(ids), "tokens": _values(ids, np.int32),
+            "span_off": _offsets(spans), "spans": _values(spans, np.int32),
+            "mpos_off": _offsets(mpos), "mpos": _values(mpos, np.int32),
+            "media_off": _offsets(media), "media_img_off": _offsets(media_inner),
+            "media_imgs": _values(media_inner, np.int32),
+            "img_source": icol("source", np.int32), "img_file": icol("file", np.int32),
+            "img_rg": icol("row_group", np.int32), "img_row": icol("row", np.int32),
+            "img_off": icol("byte_offset", np.int64), "img_len": icol("byte_length", np.int64),
+            "img_w": icol("width", np.int32), "img_h": icol("height", np.int32), "img_bytes": self._stored_bytes(),
+        }
+        return _native.NativeLoader(arrays, t.column("dataset").to_pylist(), im.column("image_id").to_pylist(),
+                                    src, options)
 
     def _stored_bytes(self) -> np.ndarray:
         """Each image's size as stored (base64 is 4/3 of the encoded bytes), for the byte-bounded read window."""
