@@ -1,0 +1,142 @@
+"""The Flamingo parts of Otter: the Perceiver resampler and the gated cross-attention block.
+
+Module and parameter names are Otter's checkpoint keys (otter-reference 3.6: `perceiver.layers.N.to_q`,
+`...feed_forward.1`, `gated_cross_attn_layer.attn.to_kv`, `attn_gate`, `ff_gate`, ...); the computation is
+OpenFlamingo's (tests/test_flamingo.py compares both on the same weights). All linear layers are bias-free.
+
+Masking: `text_time[b, t]` is the 1-based index of the media a token attends to (its most recent `<image>`),
+0 for none. A token attends only to that media's latents; with 0 its cross-attention output is exactly zero.
+`text_time_from_ids` computes it from `<image>` tokens, restarting at every sample of a packed row, so a sample
+never sees the previous sample's image.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def feed_forward(dim: int, mult: int = 4) -> nn.Sequential:
+    """LayerNorm -> Linear(dim, mult * dim) -> GELU -> Linear(mult * dim, dim), bias-free (keys 0, 1, 3)."""
+    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim * mult, bias=False), nn.GELU(),
+                         nn.Linear(dim * mult, dim, bias=False))
+
+
+class PerceiverBlock(nn.Module):
+    """Latents attend to [media; latents]; then a feed-forward. Residuals use the un-normalised latents."""
+
+    def __init__(self, dim: int, dim_head: int = 64, heads: int = 8, ff_mult: int = 4):
+        super().__init__()
+        self.heads, self.dim_head = heads, dim_head
+        inner = dim_head * heads
+        self.norm_media = nn.LayerNorm(dim)
+        self.norm_latents = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * inner, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+        self.feed_forward = feed_forward(dim, ff_mult)
+
+    def forward(self, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        # x: (B, T, N, D) media tokens; latents: (B, T, L, D)
+        xn, ln = self.norm_media(x), self.norm_latents(latents)
+        q = self.to_q(ln)
+        k, v = self.to_kv(torch.cat([xn, ln], dim=-2)).chunk(2, dim=-1)
+        B, T = q.shape[:2]
+
+        def heads(t):  # (B, T, n, H*d) -> (B, T, H, n, d)
+            return t.view(B, T, t.shape[2], self.heads, self.dim_head).transpose(2, 3)
+
+        attn = torch.nn.functional.scaled_dot_product_attention(heads(q), heads(k), heads(v))
+        out = attn.transpose(2, 3).reshape(B, T, -1, self.heads * self.dim_head)
+        latents = self.to_out(out) + latents
+        return self.feed_forward(latents) + latents
+
+
+class PerceiverResampler(nn.Module):
+    """(B, T, F, N, D) media tokens -> (B, T, num_latents, D): frames and patches pooled into fixed latents."""
+
+    def __init__(self, dim: int, depth: int = 6, dim_head: int = 64, heads: int = 8, num_latents: int = 64,
+                 max_num_frames: int | None = None, ff_mult: int = 4):
+        super().__init__()
+        self.latents = nn.Parameter(torch.randn(num_latents, dim))
+        self.frame_embs = nn.Parameter(torch.randn(max_num_frames, dim)) if max_num_frames else None
+        self.layers = nn.ModuleList([PerceiverBlock(dim, dim_head, heads, ff_mult) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, F, N, D = x.shape
+        if self.frame_embs is not None:
+            x = x + self.frame_embs[:F][None, None, :, None, :]
+        x = x.reshape(B, T, F * N, D)
+        latents = self.latents.expand(B, T, *self.latents.shape)
+        for block in self.layers:
+            latents = block(x, latents)
+        return self.norm(latents)
+
+
+class MaskedCrossAttention(nn.Module):
+    """Text queries attend to the latents of the one media their `text_time` names (0: none, output zero)."""
+
+    def __init__(self, dim: int, dim_visual: int, dim_head: int = 64, heads: int = 8):
+        super().__init__()
+        self.heads, self.dim_head = heads, dim_head
+        inner = dim_head * heads
+        self.norm = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(dim_visual, 2 * inner, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, media: torch.Tensor, text_time: torch.Tensor) -> torch.Tensor:
+        # x: (B, S, D); media: (B, M, L, Dv); text_time: (B, S) in 0..M
+        B, S, _ = x.shape
+        M, L = media.shape[1], media.shape[2]
+        if M == 0 or L == 0:  # no media in the batch: every token gets exactly zero
+            return x.new_zeros(B, S, self.to_out.out_features)
+        q = self.to_q(self.norm(x)).view(B, S, self.heads, self.dim_head).transpose(1, 2)
+        k, v = self.to_kv(media.reshape(B, M * L, -1)).chunk(2, dim=-1)
+        k = k.view(B, M * L, self.heads, self.dim_head).transpose(1, 2)
+        v = v.view(B, M * L, self.heads, self.dim_head).transpose(1, 2)
+        media_of_key = torch.arange(M * L, device=x.device) // L + 1  # 1-based media index of each key
+        allowed = text_time[:, :, None] == media_of_key[None, None, :]  # (B, S, M*L)
+        # A token before any media (0), or naming a media that is not there (> M), gets exactly zero: OpenFlamingo
+        # would spread it uniformly over the wrong media in the second case (otter-reference 3.4).
+        has_media = (text_time > 0) & (text_time <= M)
+        # Rows without media would be all-masked (NaN in SDPA): let them attend anywhere, then zero them.
+        allowed = allowed | ~has_media[:, :, None]
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None])
+        out = out.transpose(1, 2).reshape(B, S, -1) * has_media[:, :, None].to(out.dtype)
+        return self.to_out(out)
+
+
+class GatedCrossAttentionBlock(nn.Module):
+    """x + tanh(attn_gate) * xattn(x); then x + tanh(ff_gate) * FF(x). Gates start at 0: the LM is unchanged."""
+
+    def __init__(self, dim: int, dim_visual: int, dim_head: int = 64, heads: int = 8, ff_mult: int = 4):
+        super().__init__()
+        self.attn = MaskedCrossAttention(dim, dim_visual, dim_head, heads)
+        self.attn_gate = nn.Parameter(torch.tensor([0.0]))
+        self.feed_forward = feed_forward(dim, ff_mult)
+        self.ff_gate = nn.Parameter(torch.tensor([0.0]))
+
+    def forward(self, x: torch.Tensor, media: torch.Tensor, text_time: torch.Tensor) -> torch.Tensor:
+        x = self.attn(x, media, text_time) * self.attn_gate.tanh() + x
+        return self.feed_forward(x) * self.ff_gate.tanh() + x
+
+
+def text_time_from_ids(input_ids: torch.Tensor, media_token_id: int,
+                       segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, S) -> (B, S): 1-based index (within the row) of each token's most recent `<image>`, 0 for none.
+
+    With `segment_ids` (packed rows), a token before its own sample's first `<image>` gets 0, not the previous
+    sample's media.
+    """
+    is_media = (input_ids == media_token_id).long()
+    t = is_media.cumsum(dim=1)
+    if segment_ids is None:
+        return t
+    # media seen in the row before each token's sample started
+    start = torch.ones_like(segment_ids, dtype=torch.bool)
+    start[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    before = torch.where(start, t - is_media, torch.zeros_like(t))
+    before = torch.cummax(before, dim=1).values  # carry each sample's base forward (bases never decrease)
+    return torch.where(t > before, t, torch.zeros_like(t))
