@@ -79,7 +79,7 @@ pub fn decode_base64(text: &[u8]) -> Result<Vec<u8>, ProbeError> {
         .map_err(|e| ProbeError::BadBase64(e.to_string()))
 }
 
-fn sniff_format(bytes: &[u8]) -> Option<(image::ImageFormat, &'static str)> {
+pub fn sniff_format(bytes: &[u8]) -> Option<(image::ImageFormat, &'static str)> {
     if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
         Some((image::ImageFormat::Jpeg, "jpeg"))
     } else if bytes.starts_with(b"\x89PNG\r\n\x1a\n") {

@@ -12,6 +12,15 @@ use pyo3::types::PyDict;
 use crate::pack;
 use crate::pipeline::{self, BatchOut, Config, IndexData, Running, Source};
 
+/// One named 1-D array of `arrays`, copied into a Vec (the index is read once per loader).
+fn array<T: numpy::Element + Copy>(arrays: &Bound<'_, PyDict>, k: &str) -> PyResult<Vec<T>> {
+    let a = arrays
+        .get_item(k)?
+        .ok_or_else(|| PyValueError::new_err(format!("missing array {k:?}")))?;
+    let a: PyReadonlyArray1<'_, T> = a.extract()?;
+    Ok(a.as_slice()?.to_vec())
+}
+
 #[pyclass(name = "NativeLoader", module = "otterfast._native")]
 pub struct PyNativeLoader {
     index: Arc<IndexData>,
@@ -32,21 +41,8 @@ impl PyNativeLoader {
         sources: Vec<(bool, Vec<String>, String, bool)>,
         options: &Bound<'_, PyDict>,
     ) -> PyResult<Self> {
-        let get = |k: &str| -> PyResult<Bound<'_, PyAny>> {
-            arrays
-                .get_item(k)?
-                .ok_or_else(|| PyValueError::new_err(format!("missing array {k:?}")))
-        };
-        let i64s = |k: &str| -> PyResult<Vec<i64>> {
-            let a = get(k)?;
-            let a: PyReadonlyArray1<'_, i64> = a.extract()?;
-            Ok(a.as_slice()?.to_vec())
-        };
-        let i32s = |k: &str| -> PyResult<Vec<i32>> {
-            let a = get(k)?;
-            let a: PyReadonlyArray1<'_, i32> = a.extract()?;
-            Ok(a.as_slice()?.to_vec())
-        };
+        let i64s = |k: &str| array::<i64>(arrays, k);
+        let i32s = |k: &str| array::<i32>(arrays, k);
         let offs = |k: &str| -> PyResult<Vec<usize>> {
             Ok(i64s(k)?.into_iter().map(|x| x as usize).collect())
         };

@@ -50,9 +50,10 @@ pub fn plan_rows(
             }
         }
         let last = (ci + 1) * window >= order.len();
-        if !last && !bins.is_empty() {
-            let k = (0..bins.len()).max_by_key(|&b| (room[b], b)).unwrap();
-            carried = Some((bins.remove(k), room.remove(k)));
+        if !last {
+            if let Some(k) = (0..bins.len()).max_by_key(|&b| (room[b], b)) {
+                carried = Some((bins.remove(k), room.remove(k)));
+            }
         }
         rows.extend(bins);
     }

@@ -13,7 +13,7 @@ use std::thread::JoinHandle;
 
 use rayon::prelude::*;
 
-use crate::decode::{decode_rgb, Rgb};
+use crate::decode::decode_stored;
 use crate::pack::Batch;
 use crate::shard;
 use crate::transform;
@@ -142,10 +142,16 @@ fn read_blobs(ix: &IndexData, images: &[u32], pool: &rayon::ThreadPool) -> Blobs
                 let src = &ix.sources[*source as usize];
                 let path = &src.files[*file as usize];
                 if src.json {
-                    return imgs
-                        .iter()
-                        .map(|&img| (img, read_range(path, ix, img)))
-                        .collect();
+                    return match File::open(path) {
+                        Ok(f) => imgs
+                            .iter()
+                            .map(|&img| (img, read_range(&f, path, ix, img)))
+                            .collect(),
+                        Err(e) => imgs
+                            .iter()
+                            .map(|&img| (img, Err(format!("{path}: {e}"))))
+                            .collect(),
+                    };
                 }
                 let mut imgs = imgs.clone();
                 imgs.sort_by_key(|&img| ix.img_row[img as usize]);
@@ -173,10 +179,9 @@ fn read_blobs(ix: &IndexData, images: &[u32], pool: &rayon::ThreadPool) -> Blobs
     parts.into_iter().flatten().collect()
 }
 
-fn read_range(path: &str, ix: &IndexData, img: u32) -> Result<Vec<u8>, String> {
+fn read_range(f: &File, path: &str, ix: &IndexData, img: u32) -> Result<Vec<u8>, String> {
     use std::os::unix::fs::FileExt;
     let (off, len) = (ix.img_off[img as usize], ix.img_len[img as usize]);
-    let f = File::open(path).map_err(|e| format!("{path}: {e}"))?;
     let mut buf = vec![0u8; len as usize];
     f.read_exact_at(&mut buf, off as u64)
         .map_err(|e| format!("{path}: {e}"))?;
@@ -209,18 +214,8 @@ fn decode_into(
     slot: &mut [f32],
 ) -> Result<(), String> {
     let src = &ix.sources[ix.img_source[img as usize] as usize];
-    let raw;
-    let bytes: &[u8] = if src.base64 {
-        raw = crate::header::decode_base64(blob).map_err(|e| e.message())?;
-        &raw
-    } else {
-        blob
-    };
-    let rgb: Rgb = if cfg.jpeg_draft && !cfg.fuyu {
-        crate::decode::decode_rgb_draft(bytes, cfg.image_size, cfg.image_size)?
-    } else {
-        decode_rgb(bytes)?
-    };
+    let draft = (cfg.jpeg_draft && !cfg.fuyu).then_some(cfg.image_size);
+    let rgb = decode_stored(blob, src.base64, draft)?;
     if cfg.fuyu {
         transform::fuyu_patches_into(&rgb, cfg.fuyu_max_h, cfg.fuyu_max_w, slot).map(|_| ())
     } else if cfg.clip {
@@ -559,18 +554,7 @@ pub fn transform_one(
     max_w: u32,
     draft: bool,
 ) -> Result<(Vec<f32>, usize, usize), String> {
-    let raw;
-    let bytes: &[u8] = if is_base64 {
-        raw = crate::header::decode_base64(blob).map_err(|e| e.message())?;
-        &raw
-    } else {
-        blob
-    };
-    let rgb = if draft && mode != "fuyu" {
-        crate::decode::decode_rgb_draft(bytes, size, size)?
-    } else {
-        decode_rgb(bytes)?
-    };
+    let rgb = decode_stored(blob, is_base64, (draft && mode != "fuyu").then_some(size))?;
     let mut out = Vec::new();
     match mode {
         "otter" => transform::otter_pixels(&rgb, size, &mut out).map(|_| (out, 0, 0)),

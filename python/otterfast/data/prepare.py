@@ -44,7 +44,7 @@ from .mimicit import (
     merge_group_instructions,
     resample_frames,
 )
-from .sources import ImageRef, ImageSource, open_image_source, read_json_blob, scan_ids
+from .sources import ImageRef, ImageSource, open_image_source, read_json_blobs, scan_ids
 
 INDEX_VERSION = 1
 
@@ -140,6 +140,7 @@ def validate(yaml_path: str, opts: PrepareOptions) -> Validated:
         by_group[s.group].append(s)
     catalog = _ImageCatalog()
     candidates: list[Candidate] = []
+    images_by_group: dict[str, dict[str, tuple[int, ImageRef]]] = {}
     n_records = 0
     for group, gspecs in by_group.items():
         records, dup_ins = merge_group_instructions(gspecs, report)
@@ -159,9 +160,10 @@ def validate(yaml_path: str, opts: PrepareOptions) -> Validated:
                     bad_images.add(image_id)
                 else:
                     group_images[image_id] = (si, ref)
+        images_by_group[group] = group_images
         for s in gspecs:
             candidates += _dataset_candidates(s, records, dup_ins, group_images, bad_images, opts, report)
-    image_rows = _probe_referenced(candidates, catalog, opts, report)
+    image_rows = _probe_referenced(candidates, images_by_group, catalog, opts, report)
     report.raise_if_needed()
     return Validated(specs, catalog.sources, image_rows, candidates, report, n_records)
 
@@ -231,31 +233,25 @@ def _dataset_candidates(
 
 
 def _probe_referenced(
-    candidates: list[Candidate], catalog: _ImageCatalog, opts: PrepareOptions, report: DefectReport
+    candidates: list[Candidate],
+    images_by_group: dict[str, dict[str, tuple[int, ImageRef]]],
+    catalog: _ImageCatalog,
+    opts: PrepareOptions,
+    report: DefectReport,
 ) -> list[dict]:
     """Read the header of every referenced image (streamed per row group) and fill media_rows."""
     from .. import _native
 
-    # group -> ids lookups again, per candidate's dataset table(s)
-    wanted: dict[tuple[int, str], int] = {}
+    wanted: dict[tuple[int, str], int] = {}  # (source, image id) -> row of `rows`
     rows: list[dict] = []
-    group_tables: dict[str, list[int]] = defaultdict(list)
-    for c in candidates:
-        if c.spec.images_path is not None:
-            si = catalog.by_path[c.spec.images_path]
-            if si not in group_tables[c.spec.group]:
-                group_tables[c.spec.group].append(si)
 
     def locate(group: str, image_id: str) -> int:
-        for si in group_tables[group]:
-            ref = catalog.ids_by_source[si].get(image_id)
-            if ref is not None:
-                key = (si, image_id)
-                if key not in wanted:
-                    wanted[key] = len(rows)
-                    rows.append({"image_id": image_id, "source": si, "ref": ref})
-                return wanted[key]
-        raise KeyError(image_id)  # validated before
+        si, ref = images_by_group[group][image_id]  # present: checked by _dataset_candidates
+        key = (si, image_id)
+        if key not in wanted:
+            wanted[key] = len(rows)
+            rows.append({"image_id": image_id, "source": si, "ref": ref})
+        return wanted[key]
 
     for c in candidates:
         c.media_rows = [None if ids is None else [locate(c.spec.group, i) for i in ids] for ids in c.media_ids]
@@ -269,9 +265,8 @@ def _probe_referenced(
         src = catalog.sources[si]
         is_b64 = src.encoding == "base64"
         if src.kind == "json":
-            for ri in ris:
-                arr = pa.array([read_json_blob(src, rows[ri]["ref"])], type=pa.binary())
-                _apply_probe(rows, [ri], probe_arrow(arr, is_b64), src, opts, report)
+            arr = pa.array(read_json_blobs(src, [rows[ri]["ref"] for ri in ris]), type=pa.binary())
+            _apply_probe(rows, ris, probe_arrow(arr, is_b64), src, opts, report)
             continue
         ris.sort(key=lambda i: rows[i]["ref"].row)
         probed = _native.probe_parquet_rows(src.files[fi], src.image_column, rg,

@@ -164,7 +164,7 @@ class ReferenceLoader:
                 pos[b, off : off + n] = np.arange(n)
                 seg[b, off : off + n] = k
                 cu.append(b * T + off + n)
-                out["sample_index"].append(self.index_row(s))
+                out["sample_index"].append(s.row)
                 out["sample_id"].append(s.sample_id)
                 out["group"].append(s.group)
                 if self.is_fuyu:
@@ -194,9 +194,6 @@ class ReferenceLoader:
             out["media_pos"] = np.asarray(media_pos, dtype=np.int64)
             out["media_frames"] = np.asarray(media_frames, dtype=np.int64)
         return out
-
-    def index_row(self, s: Sample) -> int:
-        return s.row
 
 
 def dense_media(batch: dict) -> tuple[np.ndarray, np.ndarray]:

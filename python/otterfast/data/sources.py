@@ -181,11 +181,14 @@ def _json_value(raw: bytes, escaped: bool) -> bytes:
     return json.loads(b'"' + raw + b'"').encode("ascii") if escaped and b"\\" in raw else raw
 
 
-def read_json_blob(src: ImageSource, ref: ImageRef) -> bytes:
-    """The stored (base64) text of one image of a legacy JSON table."""
-    with open(src.files[ref.file], "rb") as f:
-        f.seek(ref.byte_offset)
-        return _json_value(f.read(ref.byte_length), src.json_escaped)
+def read_json_blobs(src: ImageSource, refs: list[ImageRef]) -> list[bytes]:
+    """The stored (base64) texts of images of a legacy JSON table, read through one open file."""
+    out = []
+    with open(src.files[0], "rb") as f:
+        for ref in refs:
+            f.seek(ref.byte_offset)
+            out.append(_json_value(f.read(ref.byte_length), src.json_escaped))
+    return out
 
 
 # Read column chunks through a buffered stream: without it pyarrow reads a whole column chunk at once, and
@@ -213,7 +216,7 @@ class BlobReader:
     def read(self, source: int, ref: ImageRef) -> bytes | None:
         src = self.sources[source]
         if src.kind == "json":
-            return read_json_blob(src, ref)
+            return read_json_blobs(src, [ref])[0]
         key = (source, ref.file, ref.row_group)
         if self._cached_key != key:
             fk = (source, ref.file)
