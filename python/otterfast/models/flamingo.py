@@ -77,9 +77,11 @@ class PerceiverResampler(nn.Module):
 class MaskedCrossAttention(nn.Module):
     """Text queries attend to the latents of the one media their `text_time` names (0: none, output zero)."""
 
-    def __init__(self, dim: int, dim_visual: int, dim_head: int = 64, heads: int = 8):
+    def __init__(self, dim: int, dim_visual: int, dim_head: int = 64, heads: int = 8, only_immediate: bool = True):
         super().__init__()
         self.heads, self.dim_head = heads, dim_head
+        self.only_immediate = only_immediate  # False: OpenFlamingo's variant, every media up to text_time
+        self.fused = False  # set by the Otter model (config.fused_xattn): the Triton kernel on CUDA tensors
         inner = dim_head * heads
         self.norm = nn.LayerNorm(dim)
         self.to_q = nn.Linear(dim, inner, bias=False)
@@ -96,11 +98,17 @@ class MaskedCrossAttention(nn.Module):
         k, v = self.to_kv(media.reshape(B, M * L, -1)).chunk(2, dim=-1)
         k = k.view(B, M * L, self.heads, self.dim_head).transpose(1, 2)
         v = v.view(B, M * L, self.heads, self.dim_head).transpose(1, 2)
+        if self.fused and self.only_immediate and x.is_cuda:
+            out = _fused_media_attention(q, k, v, text_time, M, L)
+            return self.to_out(out.transpose(1, 2).reshape(B, S, -1))
         media_of_key = torch.arange(M * L, device=x.device) // L + 1  # 1-based media index of each key
-        allowed = text_time[:, :, None] == media_of_key[None, None, :]  # (B, S, M*L)
+        if self.only_immediate:
+            allowed = text_time[:, :, None] == media_of_key[None, None, :]  # (B, S, M*L)
+        else:
+            allowed = text_time[:, :, None] >= media_of_key[None, None, :]
         # A token before any media (0), or naming a media that is not there (> M), gets exactly zero: OpenFlamingo
         # would spread it uniformly over the wrong media in the second case (otter-reference 3.4).
-        has_media = (text_time > 0) & (text_time <= M)
+        has_media = (text_time > 0) & ((text_time <= M) | (not self.only_immediate))
         # Rows without media would be all-masked (NaN in SDPA): let them attend anywhere, then zero them.
         allowed = allowed | ~has_media[:, :, None]
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None])
@@ -108,12 +116,21 @@ class MaskedCrossAttention(nn.Module):
         return self.to_out(out)
 
 
+def _fused_media_attention(q, k, v, text_time, M: int, L: int):
+    """The Triton kernel (kernels/, package otterfast_kernels): same semantics, no mask or score tensor."""
+    from otterfast_kernels import masked_media_attention
+
+    B, H, _, d = k.shape
+    return masked_media_attention(q, k.view(B, H, M, L, d), v.view(B, H, M, L, d), text_time)
+
+
 class GatedCrossAttentionBlock(nn.Module):
     """x + tanh(attn_gate) * xattn(x); then x + tanh(ff_gate) * FF(x). Gates start at 0: the LM is unchanged."""
 
-    def __init__(self, dim: int, dim_visual: int, dim_head: int = 64, heads: int = 8, ff_mult: int = 4):
+    def __init__(self, dim: int, dim_visual: int, dim_head: int = 64, heads: int = 8, ff_mult: int = 4,
+                 only_immediate: bool = True):
         super().__init__()
-        self.attn = MaskedCrossAttention(dim, dim_visual, dim_head, heads)
+        self.attn = MaskedCrossAttention(dim, dim_visual, dim_head, heads, only_immediate)
         self.attn_gate = nn.Parameter(torch.tensor([0.0]))
         self.feed_forward = feed_forward(dim, ff_mult)
         self.ff_gate = nn.Parameter(torch.tensor([0.0]))

@@ -32,14 +32,17 @@ class OtterHDConfig:
     @classmethod
     def load(cls, path: str) -> "OtterHDConfig":
         with open(path) as f:
-            doc = yaml.safe_load(f) or {}
+            return cls.from_dict(yaml.safe_load(f) or {}, path)
+
+    @classmethod
+    def from_dict(cls, doc: dict, where: str = "model config") -> "OtterHDConfig":
         valid = {f.name for f in fields(cls)}
         unknown = sorted(set(doc) - valid)
         if unknown:
-            raise ValueError(f"{path}: unknown key(s) {unknown}; valid: {sorted(valid)}")
+            raise ValueError(f"{where}: unknown key(s) {unknown}; valid: {sorted(valid)}")
         cfg = cls(**doc)
         if cfg.architecture != "otterhd":
-            raise ValueError(f"{path}: architecture {cfg.architecture!r} is not otterhd")
+            raise ValueError(f"{where}: architecture {cfg.architecture!r} is not otterhd")
         return cfg
 
 

@@ -19,3 +19,13 @@ def block_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     eye = torch.eye(T, dtype=torch.bool, device=segment_ids.device)
     mask = torch.where(pad[:, :, None], eye, same & causal & ~pad[:, None, :])
     return mask[:, None]
+
+
+def additive_block_causal_mask(segment_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The same mask as an additive float (B, 1, T, T): 0 where allowed, the dtype's minimum elsewhere.
+
+    One format every transformers attention path reads right when handed a prepared 4-D mask: SDPA and eager
+    add it to the scores, and MPT (which masks where `mask.bool()` is True) sees exactly the blocked entries.
+    """
+    allowed = block_causal_mask(segment_ids)
+    return torch.zeros(allowed.shape, dtype=dtype, device=segment_ids.device).masked_fill(~allowed, torch.finfo(dtype).min)
