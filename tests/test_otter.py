@@ -302,3 +302,16 @@ def test_beam_search_cached_equals_uncached():
     vx = torch.randn(1, 1, 1, 3, 64, 64)
     kw = dict(vision_x=vx, max_new_tokens=5, num_beams=3, do_sample=False, pad_token_id=2)
     assert model.generate(ids, use_cache=True, **kw).tolist() == model.generate(ids, use_cache=False, **kw).tolist()
+
+
+def test_every_model_config_loads():
+    folder = os.path.join(ROOT, "configs", "models")
+    names = sorted(os.listdir(folder))
+    assert {"otter-tiny.yaml", "otter-mpt7b.yaml", "otter-llama7b.yaml", "otterhd-tiny.yaml", "otterhd-8b.yaml"} <= set(names)
+    for name in names:
+        cfg = load_model_config(os.path.join(folder, name))
+        assert cfg.architecture in ("otter", "otterhd")
+    with pytest.raises(ValueError, match="unknown otter key"):
+        load_model_config({"architecture": "otter", "otter": {"cross_attn_every_n_layer": 4}})
+    with pytest.raises(FileNotFoundError, match="local copy"):
+        build_model(load_model_config(os.path.join(folder, "otter-mpt7b.yaml")), {"vocab_size": 10, "media_id": 3})

@@ -107,3 +107,44 @@ def test_unknown_model_config_key(tmp_path):
     p.write_text("architecture: otterhd\ncheckpoint: null\nhidden: 3\n")
     with pytest.raises(ValueError, match="unknown key"):
         OtterHDConfig.load(str(p))
+
+
+def test_otterhd_yaml_lora_and_validation(demo_index_fuyu, tmp_path):
+    import os
+
+    from otterfast.models.build import batch_loss, build_model, load_model_config
+    from otterfast.models.lora import merge_lora_
+
+    root = os.path.dirname(os.path.dirname(__file__))
+    doc = yaml_load(os.path.join(root, "configs/models/otterhd-tiny.yaml"))
+    idx = PreparedIndex(demo_index_fuyu)
+    full = build_model(load_model_config(doc), idx.tok)
+    assert all(p.requires_grad for p in full.parameters())
+    torch.manual_seed(0)
+    lora = build_model(load_model_config({**doc, "train": "lora", "lora": {"r": 4}}), idx.tok)
+    train = [n for n, p in lora.named_parameters() if p.requires_grad]
+    assert train and all("lora_" in n for n in train)
+    assert any("lm_head" in n for n in train) and any("query_key_value" in n for n in train)  # Otter's targets
+    batch = as_torch(next(iter(NativeLoader(idx, batch_size=2, pack=True, capacity=2048, seed=1))))
+    loss, n = batch_loss(lora, batch)
+    (loss / n).backward()
+    assert all(p.grad is not None for p in lora.parameters() if p.requires_grad)
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+        before = otterhd_forward(lora.eval(), batch).logits
+        merge_lora_(lora)
+        after = otterhd_forward(lora, batch).logits
+    torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
+    assert not any("lora" in k for k in lora.state_dict())
+    for bad, msg in [({"trian": "full"}, "unknown key"), ({"train": "half"}, "train must be")]:
+        with pytest.raises(ValueError, match=msg):
+            load_model_config({**doc, **bad})
+
+
+def yaml_load(path):
+    import yaml
+
+    with open(path) as f:
+        return yaml.safe_load(f)

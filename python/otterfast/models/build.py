@@ -48,7 +48,7 @@ def build_model(cfg, tok: dict) -> torch.nn.Module:
 def model_outputs(model, batch: dict):
     """Packed forward of either model on a loader batch (torch tensors) -> transformers output with logits."""
     if model.__class__.__name__ == "FuyuForCausalLM" or getattr(model, "is_otterhd", False):
-        inputs = otterhd.otterhd_inputs(batch)
+        inputs = otterhd.otterhd_inputs(batch, model)
         inputs.pop("labels")
         return model(**inputs)
     from . import otter

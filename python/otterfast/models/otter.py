@@ -30,6 +30,7 @@ from transformers.configuration_utils import SubConfigSpec
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .flamingo import GatedCrossAttentionBlock, PerceiverResampler, text_time_from_ids
+from .lora import inject_lora, merge_lora_
 from .packing import additive_block_causal_mask
 
 
@@ -224,12 +225,7 @@ class OtterForConditionalGeneration(OtterPreTrainedModel, GenerationMixin):
             self.lang_encoder.requires_grad_(True)
 
     def _inject_lora(self, lora: dict) -> None:
-        from peft import LoraConfig, inject_adapter_in_model
-
-        targets = lora.pop("target_modules", None) or _lora_targets(self.lang_encoder)
-        conf = LoraConfig(r=lora.pop("r", 16), lora_alpha=lora.pop("lora_alpha", 32),
-                          lora_dropout=lora.pop("lora_dropout", 0.05), target_modules=targets, **lora)
-        inject_adapter_in_model(conf, self.lang_encoder)
+        inject_lora(self.lang_encoder, **lora)
         self._lora_injected = True
 
     def merge_lora(self) -> None:
@@ -354,27 +350,6 @@ class OtterForConditionalGeneration(OtterPreTrainedModel, GenerationMixin):
         # because `<image>` is never generated, so the reorder cannot mix counts.
         c.last_time = t[:, -1] if not (cached and c.legacy) else c.last_time
         return args, kwargs
-
-
-def _lora_targets(lm: nn.Module) -> list[str]:
-    """Otter's LoRA targets per LM family (reference 3.2)."""
-    names = {n.rsplit(".", 1)[-1] for n, _ in lm.named_modules()}
-    for family in (["q_proj", "v_proj"], ["query_key_value"], ["Wqkv"]):
-        if set(family) <= names:
-            return family
-    raise ValueError(f"no known LoRA target in {type(lm).__name__}: give lora_config.target_modules")
-
-
-def merge_lora_(model: nn.Module) -> None:
-    """Replace every peft LoRA layer in `model` by its base layer with the adapter folded in."""
-    from peft.tuners.lora import LoraLayer
-
-    for name, mod in list(model.named_modules()):
-        if isinstance(mod, LoraLayer):
-            mod.merge()
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, mod.get_base_layer())
 
 
 # ------------------------------------------------------------------------------------- otterfast model config
