@@ -247,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "all arguments go to benches/loader.py (see its --help)", add_help=False)
     x.add_argument("args", nargs=argparse.REMAINDER)
     x.set_defaults(func=cmd_bench_loader)
+    __import__("otterfast.eval.cli", fromlist=["register"]).register(sub)  # `otterfast eval` (docs/eval.md)
     return p
 
 

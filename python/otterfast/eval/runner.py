@@ -1,0 +1,237 @@
+"""`otterfast eval run CONFIG.yaml`: generate (or replay) replies for every model x dataset, then score them.
+
+Config (paths relative to the YAML's folder):
+
+    output: runs/eval            # required: <output>/<model>/<dataset>/{predictions,samples}.jsonl, metrics.json
+    limit: 100                   # optional, every dataset (MME keeps pairs, MMBench keeps circular groups)
+    resume: true                 # keep rows already in predictions.jsonl whose prompt and decode settings match
+    judge: {url: http://host/v1, model: gpt-4o, api_key_env: OPENAI_API_KEY}   # optional
+    models:
+      - {name: otter, kind: otter, path: ckpt/, template: otter, decode: {num_beams: 1}, options: {...}}
+      - {name: old, kind: replay, predictions: runs/old/otter}
+    datasets:
+      - {task: mme, data: MME.parquet, name: mme, limit: 20, options: {prompt: lmms}, decode: {max_new_tokens: 16}}
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from .judge import Judge, JudgeConfig
+from .model_api import DEFAULT_DECODE, DEFAULT_TEMPLATE, MODEL_KINDS, ReplayModel, describe, load_eval_model
+from .predictions import read_predictions, write_line
+from .progress import Progress
+from .report import markdown, write_json, write_jsonl
+from .score import score_lines, withheld
+from .tasks import TASKS, get_task
+from .tasks.mc import argmax_letter
+from .templates import TEMPLATES, continuation, wrap
+
+TOP_KEYS = ("output", "models", "datasets", "judge", "limit", "resume")
+MODEL_KEYS = ("name", "kind", "path", "template", "decode", "options", "predictions")
+DATASET_KEYS = ("task", "data", "name", "limit", "options", "decode")
+DECODE_KEYS = ("max_new_tokens", "num_beams", "no_repeat_ngram_size", "do_sample", "temperature", "top_p", "top_k",
+               "length_penalty", "repetition_penalty", "min_new_tokens", "early_stopping")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _check_keys(d: Any, valid: tuple[str, ...], where: str) -> dict:
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(d).__name__}")
+    bad = sorted(set(d) - set(valid))
+    if bad:
+        raise ConfigError(f"{where}: unknown key(s) {bad}; valid: {list(valid)}")
+    return d
+
+
+@dataclass
+class RunConfig:
+    output: str
+    models: list[dict]
+    datasets: list[dict]
+    judge: dict | None = None
+    limit: int | None = None
+    resume: bool = True
+    base_dir: str = "."
+    raw: dict = field(default_factory=dict)
+
+
+def parse_config(cfg: dict, base_dir: str = ".") -> RunConfig:
+    """Validate a config mapping; every unknown key is an error naming the valid ones."""
+    cfg = copy.deepcopy(cfg)
+    _check_keys(cfg, TOP_KEYS, "config")
+    for k in ("output", "models", "datasets"):
+        if not cfg.get(k):
+            raise ConfigError(f"config: `{k}` is required")
+
+    def path(p: str) -> str:
+        return p if os.path.isabs(p) else os.path.normpath(os.path.join(base_dir, p))
+
+    names = set()
+    for i, m in enumerate(cfg["models"]):
+        where = f"models[{i}]"
+        _check_keys(m, MODEL_KEYS, where)
+        if not m.get("name") or not m.get("kind"):
+            raise ConfigError(f"{where}: `name` and `kind` are required")
+        if m["kind"] not in MODEL_KINDS:
+            raise ConfigError(f"{where}: kind {m['kind']!r}; valid: {list(MODEL_KINDS)}")
+        if m["name"] in names:
+            raise ConfigError(f"{where}: model name {m['name']!r} used twice")
+        names.add(m["name"])
+        if m["kind"] in ("otter", "otterhd"):
+            if not m.get("path"):
+                raise ConfigError(f"{where}: kind {m['kind']} needs `path` (a local checkpoint folder)")
+            m["path"] = path(m["path"])
+        if m["kind"] == "replay":
+            p = m.get("predictions")
+            if not p:
+                raise ConfigError(f"{where}: kind replay needs `predictions`")
+            m["predictions"] = {k: path(v) for k, v in p.items()} if isinstance(p, dict) else path(p)
+        if m.get("template") is not None and m["template"] not in TEMPLATES:
+            raise ConfigError(f"{where}: template {m['template']!r}; valid: {list(TEMPLATES)}")
+        _check_keys(m.get("decode") or {}, DECODE_KEYS, f"{where}.decode")
+    dnames = set()
+    for i, d in enumerate(cfg["datasets"]):
+        where = f"datasets[{i}]"
+        _check_keys(d, DATASET_KEYS, where)
+        if not d.get("task") or not d.get("data"):
+            raise ConfigError(f"{where}: `task` and `data` are required")
+        if d["task"] not in TASKS:
+            raise ConfigError(f"{where}: task {d['task']!r}; valid: {sorted(TASKS)}")
+        d["data"] = path(d["data"])
+        d.setdefault("name", d["task"])
+        if d["name"] in dnames:
+            raise ConfigError(f"{where}: dataset name {d['name']!r} used twice")
+        dnames.add(d["name"])
+        try:
+            get_task(d["task"]).resolve_options(d.get("options"))
+        except ValueError as e:
+            raise ConfigError(f"{where}: {e}") from e
+        _check_keys(d.get("decode") or {}, DECODE_KEYS, f"{where}.decode")
+    if cfg.get("judge") is not None:
+        try:
+            JudgeConfig.from_dict(cfg["judge"])
+        except (ValueError, TypeError) as e:
+            raise ConfigError(str(e)) from e
+    return RunConfig(output=path(cfg["output"]), models=cfg["models"], datasets=cfg["datasets"],
+                     judge=cfg.get("judge"), limit=cfg.get("limit"), resume=bool(cfg.get("resume", True)),
+                     base_dir=base_dir, raw=cfg)
+
+
+def load_config(path: str) -> RunConfig:
+    import yaml
+
+    with open(path, encoding="utf-8") as f:
+        cfg = yaml.safe_load(f) or {}
+    return parse_config(cfg, os.path.dirname(os.path.abspath(path)))
+
+
+def _judge(rc: RunConfig) -> Judge | None:
+    if not rc.judge:
+        return None
+    j = dict(rc.judge)
+    j.setdefault("cache_dir", os.path.join(rc.output, "judge_cache"))
+    return Judge(JudgeConfig.from_dict(j))
+
+
+def run_dataset(model, mspec: dict, dspec: dict, rc: RunConfig, judge: Judge | None, progress: bool = True) -> dict:
+    task = get_task(dspec["task"])
+    opts = task.resolve_options(dspec.get("options"))
+    mode = task.mode(opts)
+    replay = isinstance(model, ReplayModel)
+    loaded = task.load(dspec["data"], with_images=not replay)
+    limit = dspec.get("limit", rc.limit)
+    items = task.subset(loaded.items, limit)
+    template = mspec.get("template") or getattr(model, "template", None) or DEFAULT_TEMPLATE.get(mspec["kind"])
+    if template not in TEMPLATES:
+        raise ConfigError(f"model {mspec['name']!r}: template {template!r}; valid: {list(TEMPLATES)}")
+    decode = {**DEFAULT_DECODE.get(mspec["kind"], {}), **(mspec.get("decode") or {}), **(dspec.get("decode") or {})}
+
+    folder = os.path.join(rc.output, mspec["name"], dspec["name"])
+    os.makedirs(folder, exist_ok=True)
+    pred_path = os.path.join(folder, "predictions.jsonl")
+    old = read_predictions(pred_path) if rc.resume and os.path.exists(pred_path) else {}
+    todo = [it for it in items if task.skip(it, opts) is None]
+    lines: dict[int, dict] = {}
+    bar = Progress(len(todo), f"{mspec['name']}/{dspec['name']}") if progress else None
+    with open(pred_path + ".tmp", "w", encoding="utf-8") as f:
+        for it in todo:
+            q = task.question(it, opts)
+            prompt = wrap(template, q, it.n_images)
+            settings = {"scoring": "option_loglik_sum"} if mode == "likelihood" else decode
+            prev = old.get(it.row)
+            if prev is not None and prev.get("prompt") == prompt and prev.get("decode") == settings:
+                line = prev  # resume: same prompt and settings, reply kept
+            else:
+                line = {"row": it.row, "reply": None, "prompt": prompt, "decode": settings, "template": template,
+                        "mode": mode, "n_images": it.n_images}
+                if replay:
+                    got = model.lookup(dspec["name"], it.row)
+                    if got is None:
+                        raise ValueError(f"replay model {mspec['name']!r}: no reply for {dspec['name']} row {it.row}")
+                    for k in ("reply", "logliks", "options", *(f"{x}_reply" for x in task.extra_questions(it, opts))):
+                        if k in got:
+                            line[k] = got[k]
+                else:
+                    images = it.images()
+                    if mode == "likelihood":
+                        letters, texts = task.loglik_options(it, opts)
+                        conts = [continuation(template, t) for t in texts]
+                        ll = [float(v) for v in model.option_logliks(prompt, images, conts)]
+                        best = argmax_letter(letters, ll)
+                        line.update(options=conts, logliks=ll, reply=best or "")
+                    else:
+                        line["reply"] = model.generate(prompt, images, **decode)
+                        for name, q2 in task.extra_questions(it, opts).items():
+                            p2 = wrap(template, q2, it.n_images)
+                            line[f"{name}_prompt"] = p2
+                            line[f"{name}_reply"] = model.generate(p2, images, **decode)
+            write_line(f, line)
+            lines[it.row] = line
+            if bar:
+                bar.update()
+    os.replace(pred_path + ".tmp", pred_path)
+    if bar:
+        bar.close()
+
+    result, samples = score_lines(dspec["task"], dspec["data"], lines, dspec.get("options"), judge, loaded)
+    result.update(model=mspec["name"], dataset=dspec["name"], predictions=pred_path, template=template,
+                  decode=None if mode == "likelihood" else decode, mode=mode, model_info=describe(model))
+    if limit is not None:
+        result["limit"] = limit
+    write_jsonl(os.path.join(folder, "samples.jsonl"), samples)
+    write_json(os.path.join(folder, "metrics.json"), result)
+    return result
+
+
+def run_config(rc: RunConfig | dict, models: dict[str, Any] | None = None, progress: bool = True) -> list[dict]:
+    """Run every model on every dataset. `models` maps a config model name to an object implementing EvalModel
+    (used instead of loading; required for kind `external`)."""
+    if isinstance(rc, dict):
+        rc = parse_config(rc)
+    models = models or {}
+    judge = _judge(rc)
+    results = []
+    for mspec in rc.models:
+        if mspec["name"] in models:
+            model = models[mspec["name"]]
+        elif mspec["kind"] == "external":
+            raise ConfigError(f"model {mspec['name']!r}: kind external but no object supplied")
+        else:
+            model = load_eval_model(mspec)
+        for dspec in rc.datasets:
+            results.append(run_dataset(model, mspec, dspec, rc, judge, progress))
+    os.makedirs(rc.output, exist_ok=True)
+    write_json(os.path.join(rc.output, "results.json"), results)
+    with open(os.path.join(rc.output, "summary.md"), "w", encoding="utf-8") as f:
+        f.write(markdown(results))
+    return results
+
+
+__all__ = ["ConfigError", "RunConfig", "load_config", "parse_config", "run_config", "run_dataset", "withheld"]
