@@ -1,0 +1,60 @@
+"""What the kernels share: whether Triton can run here, and how it should be configured."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:  # triton is optional: without it only the references are usable
+    import triton  # noqa: F401
+    import triton.language as tl  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised only where triton is missing
+    HAS_TRITON = False
+
+
+# Triton decides between compiling and interpreting when a kernel is defined (at import), so the answer is the
+# environment at import time: setting TRITON_INTERPRET later would not change the kernels already defined.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def interpreting() -> bool:
+    """True when our kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1 when this package was imported)."""
+    return _INTERPRET
+
+
+def fused_available(device: torch.device | str | None = None) -> bool:
+    """Whether the Triton path can run for tensors on `device`.
+
+    True for a CUDA device when CUDA and triton are present, and for the CPU under TRITON_INTERPRET=1 (tests).
+    Callers (the Otter model) fall back to `otterfast_kernels.reference` when this is False.
+    """
+    if not HAS_TRITON:
+        return False
+    dev = torch.device(device) if device is not None else (
+        torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    if dev.type == "cuda":
+        return torch.cuda.is_available()
+    return dev.type == "cpu" and interpreting()
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs are multiplied in true fp32 ("ieee"), not TF32: fp32 is the accuracy path (tests, debugging),
+    so it must match the reference to ~1e-5; bf16/fp16 use the tensor cores' native precision."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def next_pow2_at_least_16(n: int) -> int:
+    """Block sizes for tl.dot: a power of two, and >= 16 (the smallest tensor-core tile)."""
+    p = 16
+    while p < n:
+        p *= 2
+    return p
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
