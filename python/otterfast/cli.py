@@ -15,6 +15,8 @@ import os
 import sys
 import time
 
+from .train.cli import register as register_train
+
 
 def _add_prepare_options(p: argparse.ArgumentParser) -> None:
     from .data import prompts
@@ -248,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("args", nargs=argparse.REMAINDER)
     x.set_defaults(func=cmd_bench_loader)
     __import__("otterfast.eval.cli", fromlist=["register"]).register(sub)  # `otterfast eval` (docs/eval.md)
+    __import__("otterfast.generate.cli", fromlist=["register"]).register(sub)  # `otterfast generate`
     return p
 
 

@@ -1,0 +1,120 @@
+"""`otterfast generate`: templates, Otter / OtterHD folders, cached == uncached, option log-likelihoods, the CLI."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from otterfast.data.index import PreparedIndex
+from otterfast.generate import Generator
+from otterfast.generate.templates import render
+from otterfast.models.build import build_model, load_model_config
+from otterfast.models.flamingo import GatedCrossAttentionBlock
+
+ROOT = os.path.dirname(os.path.dirname(__file__))
+
+
+def photo(seed: int, w: int = 96, h: int = 64) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def export(index_dir: str, model_yaml: str, out: str, fmt: str | None) -> str:
+    idx = PreparedIndex(index_dir)
+    torch.manual_seed(0)
+    model = build_model(load_model_config(os.path.join(ROOT, "configs/models", model_yaml)), idx.tok)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, GatedCrossAttentionBlock):
+                m.attn_gate.fill_(1.0)
+                m.ff_gate.fill_(0.5)
+    model.save_pretrained(out)
+    shutil.copytree(os.path.join(index_dir, "tokenizer"), os.path.join(out, "tokenizer"))
+    if fmt:
+        with open(os.path.join(out, "otterfast.json"), "w") as f:
+            json.dump({"format": fmt}, f)
+    return out
+
+
+@pytest.fixture(scope="module")
+def otter_dir(demo_index, tmp_path_factory):
+    return export(demo_index, "otter-tiny.yaml", str(tmp_path_factory.mktemp("otter_export")), "simple")
+
+
+@pytest.fixture(scope="module")
+def otterhd_dir(demo_index_fuyu, tmp_path_factory):
+    return export(demo_index_fuyu, "otterhd-tiny.yaml", str(tmp_path_factory.mktemp("otterhd_export")), "fuyu")
+
+
+def test_templates_render_otters_layouts():
+    assert render("otter-image", "What?") == "<image>User: What? GPT:<answer>"
+    assert render("simple", "What?") == "<image>User:What? GPT:<answer>"
+    assert render("otter-image", "Q?", [("A?", "a cat")]) == \
+        "<image>User: A? GPT:<answer> a cat<|endofchunk|><image>User: Q? GPT:<answer>"
+    assert render("llama2", "Q?") == "[INST]<image>\nQ?[/INST]<answer>"
+    assert render("otterhd", "Q?") == "User: Q? Assistant:\x04"
+    assert render("simple", "Q?", with_image=False) == "User:Q? GPT:<answer>"
+    with pytest.raises(ValueError, match="unknown template"):
+        render("chatml", "Q?")
+
+
+def test_otter_generation_cached_equals_uncached_and_stops(otter_dir):
+    g = Generator(otter_dir)
+    assert g.template == "simple"  # the format it was trained with (otterfast.json)
+    imgs = [photo(1), photo(2)]
+    examples = [("What is this?", "a thing")]
+    kw = dict(max_new_tokens=8, num_beams=1, do_sample=False)
+    cached = g.generate("And this?", imgs, examples=examples, use_cache=True, **kw)
+    uncached = g.generate("And this?", imgs, examples=examples, use_cache=False, **kw)
+    assert cached == uncached
+    beams = [g.generate("What is it?", [imgs[0]], num_beams=3, max_new_tokens=6, use_cache=c) for c in (True, False)]
+    assert beams[0] == beams[1]
+    assert "<image>" not in cached
+    with pytest.raises(ValueError, match="one media per <image>"):
+        g.generate("Q?", imgs)  # 2 images, 1 <image>
+    video = g.generate("What happens?", imgs, video=True, max_new_tokens=4)  # frames of one media
+    assert isinstance(video, str)
+
+
+def test_option_logliks_sum_the_option_tokens_only(otter_dir):
+    g = Generator(otter_dir)
+    text = g.prompt("Which one?", n_images=1)
+    img = photo(3)
+    opts = [" yes", " no maybe"]
+    got = g.option_logliks(text, [img], opts)
+    inputs = g.inputs(text, [img])
+    for opt, score in zip(opts, got):
+        o = g.tok(opt, add_special_tokens=False)["input_ids"]
+        ids = torch.cat([inputs["input_ids"], torch.tensor([o])], dim=1)
+        labels = torch.full_like(ids, -100)
+        labels[0, -len(o):] = ids[0, -len(o):]
+        with torch.no_grad():
+            loss = g.model(ids, vision_x=inputs["vision_x"], labels=labels).loss  # transformers' mean NLL
+        assert score == pytest.approx(-float(loss) * len(o), rel=1e-4, abs=1e-4)
+
+
+def test_otterhd_generation_cached_equals_uncached(otterhd_dir):
+    g = Generator(otterhd_dir)
+    assert g.kind == "otterhd" and g.template == "fuyu"
+    img = photo(4, 70, 40)  # 2 x 3 patches of 30
+    kw = dict(max_new_tokens=6, num_beams=1, do_sample=False)
+    assert g.generate("Describe.", [img], use_cache=True, **kw) == g.generate("Describe.", [img], use_cache=False, **kw)
+    ids = g.inputs(g.prompt("Q?"), [img])["input_ids"][0].tolist()
+    ph, nl = g.info.fuyu_placeholder_id, g.info.fuyu_newline_id
+    assert ids[:8] == [ph, ph, ph, nl, ph, ph, ph, nl] and ids[-1] == g.info.fuyu_boa_id
+    assert len(g.option_logliks(g.prompt("Q?"), [img], [" A", " B"])) == 2
+
+
+def test_generate_cli_json(otter_dir, tmp_path, capsys):
+    from otterfast.cli import main
+
+    path = str(tmp_path / "q.png")
+    photo(5).save(path)
+    assert main(["generate", otter_dir, "--prompt", "What is it?", "--image", path, "--max-new-tokens", "4",
+                 "--num-beams", "1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["prompt"] == "<image>User:What is it? GPT:<answer>" and isinstance(out["reply"], str)
