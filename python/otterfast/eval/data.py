@@ -91,17 +91,19 @@ def read_rows(path: str, task: str, layouts: list[Layout], with_images: bool) ->
     columns = list(schema.names)
     lay = choose_layout(task, layouts, columns, path)
     cols = [c for c in (*lay.required, *lay.optional) if c in columns]
-    img_col = next((c for c in lay.images if c in columns), None)
-    read = cols + ([img_col] if img_col and img_col not in cols else [])
-    table = pq.read_table(path, columns=read)
+    img_cols = [c for c in lay.images if c in columns]
+    table = pq.read_table(path, columns=list(dict.fromkeys(cols + img_cols)))
     rows = table.select(cols).to_pylist()
-    if img_col is None:
-        cells = [None] * len(rows)
+    # Several image columns (AI4Math: decoded_image, then the `image` path): per row, the first that is not null.
+    if not img_cols:
+        cells: list = [None] * len(rows)
     elif with_images:
-        cells = table.column(img_col).to_pylist()
+        per_col = [table.column(c).to_pylist() for c in img_cols]
+        cells = [next((col[i] for col in per_col if col[i] is not None), None) for i in range(len(rows))]
     else:
         # Scoring needs only how many images a row has (MagnifierBench skips multi-image rows), not the pixels.
-        cells = _image_counts(table.column(img_col))
+        per_col = [_image_counts(table.column(c)) for c in img_cols]
+        cells = [next((col[i] for col in per_col if col[i]), 0) for i in range(len(rows))]
     return lay, rows, cells, table.num_rows, columns
 
 
