@@ -15,8 +15,6 @@ import os
 import sys
 import time
 
-from .train.cli import register as register_train
-
 
 def _add_prepare_options(p: argparse.ArgumentParser) -> None:
     from .data import prompts
@@ -251,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.set_defaults(func=cmd_bench_loader)
     __import__("otterfast.eval.cli", fromlist=["register"]).register(sub)  # `otterfast eval` (docs/eval.md)
     __import__("otterfast.generate.cli", fromlist=["register"]).register(sub)  # `otterfast generate`
+    __import__("otterfast.train.cli", fromlist=["register"]).register(sub, bsub)  # train, plot, bench train
     return p
 
 

@@ -1,0 +1,152 @@
+"""Training checkpoints: complete or absent, never half-written.
+
+Layout, OUTPUT_DIR/checkpoints/:
+    step_N/                       a complete checkpoint (the only names `resume` considers)
+        COMPLETE                  written last, before the rename (a copied folder keeps the mark)
+        trainer.json              step, epoch, world size, tokens seen, ... (rank 0)
+        config.yaml               the resolved training config
+        rank_R.pt                 per rank: the loader's state_dict and the RNG states (python, numpy, torch, cuda)
+        <DeepSpeed's files>       model + optimizer + LR scheduler (engine.save_checkpoint, sharded under ZeRO)
+    .tmp-step_N/                  a save in progress (or one killed mid-way: ignored, removed by the next save)
+
+Protocol: every rank writes into .tmp-step_N (DeepSpeed's collective save, then its own rank file, fsynced);
+a barrier; rank 0 writes trainer.json, config.yaml and COMPLETE, fsyncs, and renames the folder to step_N
+(atomic on a POSIX file system), then deletes complete checkpoints beyond `keep_last`; a barrier. A kill -9 at
+any point before the rename leaves the previous step_M untouched and still the newest complete one. The output
+folder must be on a file system every rank sees (as DeepSpeed's own checkpoints need).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+
+import numpy as np
+import torch
+
+_STEP = re.compile(r"^step_(\d+)$")
+KILL_HOOK = "OTTERFAST_TEST_KILL_IN_SAVE"  # tests: SIGKILL rank 0 in the save of this step, before the rename
+
+
+def ckpt_root(output_dir: str) -> str:
+    return os.path.join(output_dir, "checkpoints")
+
+
+def complete_checkpoints(output_dir: str) -> list[tuple[int, str]]:
+    """(step, path) of every complete checkpoint, oldest first."""
+    root = ckpt_root(output_dir)
+    if not os.path.isdir(root):
+        return []
+    out = []
+    for name in os.listdir(root):
+        m = _STEP.match(name)
+        path = os.path.join(root, name)
+        if m and os.path.exists(os.path.join(path, "COMPLETE")):
+            out.append((int(m.group(1)), path))
+    return sorted(out)
+
+
+def find_resume(resume: str, output_dir: str) -> str | None:
+    """The checkpoint folder to resume from: `auto` -> the newest complete one (or None), `off` -> None."""
+    if resume == "off":
+        return None
+    if resume == "auto":
+        done = complete_checkpoints(output_dir)
+        return done[-1][1] if done else None
+    path = resume
+    if not os.path.exists(os.path.join(path, "COMPLETE")):
+        raise FileNotFoundError(f"resume: {path} is not a complete checkpoint (no COMPLETE marker)")
+    return path
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save(engine, output_dir: str, step: int, rank: int, rank_state: dict, trainer_state: dict, config_yaml: str,
+         keep_last: int) -> str:
+    """Collective: every rank calls it. Returns the complete checkpoint's path."""
+    import torch.distributed as dist
+
+    root = ckpt_root(output_dir)
+    tag = f".tmp-step_{step}"
+    tmp, final = os.path.join(root, tag), os.path.join(root, f"step_{step}")
+    if rank == 0:
+        os.makedirs(root, exist_ok=True)
+        for name in os.listdir(root):  # leftovers of saves that were killed
+            if name.startswith(".tmp-step_"):
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        if os.path.exists(final):  # the same step saved again (e.g. NaN stop right after a save): replace
+            shutil.rmtree(final)
+    dist.barrier()
+    engine.save_checkpoint(root, tag=tag, client_state={"otterfast_step": step}, save_latest=False)
+    buf = _to_bytes(rank_state)
+    _write(os.path.join(tmp, f"rank_{rank}.pt"), buf)
+    dist.barrier()
+    if rank == 0:
+        if os.environ.get(KILL_HOOK) == str(step):
+            os.kill(os.getpid(), signal.SIGKILL)
+        _write(os.path.join(tmp, "trainer.json"), json.dumps(trainer_state, indent=1).encode())
+        _write(os.path.join(tmp, "config.yaml"), config_yaml.encode())
+        _write(os.path.join(tmp, "COMPLETE"), b"")
+        _fsync_dir(tmp)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+        if keep_last:
+            for _, old in complete_checkpoints(output_dir)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def _to_bytes(obj) -> bytes:
+    import io
+
+    b = io.BytesIO()
+    torch.save(obj, b)
+    return b.getvalue()
+
+
+def load(engine, path: str, rank: int, world_size: int) -> tuple[dict, dict]:
+    """Restore the engine (model, optimizer, scheduler) from `path`; returns (trainer_state, this rank's state)."""
+    with open(os.path.join(path, "trainer.json")) as f:
+        trainer = json.load(f)
+    if trainer["world_size"] != world_size:
+        raise RuntimeError(f"{path} was saved by {trainer['world_size']} ranks, this run has {world_size}: the "
+                           "data position and DeepSpeed's sharded state are per rank; resume with the same number")
+    root, tag = os.path.split(os.path.abspath(path))
+    loaded, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+    if loaded is None:
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}")
+    mine = torch.load(os.path.join(path, f"rank_{rank}.pt"), weights_only=False)
+    return trainer, mine

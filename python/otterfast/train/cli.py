@@ -1,0 +1,75 @@
+"""`otterfast train`, `otterfast plot` and `otterfast bench train`. Light at import: nothing heavy until run."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def cmd_train(a) -> int:
+    from .config import ConfigError, load_config
+
+    try:
+        cfg = load_config(a.config, a.set)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"otterfast train: {e}", file=sys.stderr)
+        return 2
+    from .loop import TrainingStopped, run
+
+    try:
+        run(cfg, a.config)
+    except TrainingStopped as e:
+        print(f"otterfast train: stopped: {e}", file=sys.stderr)
+        return 3
+    return 0
+
+
+def cmd_plot(a) -> int:
+    from .plot import plot
+
+    path = plot(a.output_dir, a.out)
+    print(path)
+    return 0
+
+
+def cmd_bench_train(a) -> int:
+    import runpy
+
+    from ..cli import _bench_script
+
+    mod = runpy.run_path(_bench_script("train.py"))
+    argv = ["--steps", str(a.steps), "--rounds", str(a.rounds), "--json", a.json, "--model", a.model,
+            "--capacity", str(a.capacity), "--batch-size", str(a.batch_size)]
+    if a.data:
+        argv += ["--data", a.data]
+    return mod["main"](argv)
+
+
+def register(sub, bench_sub=None) -> None:
+    """Add `train` and `plot` to the top-level sub-commands and `train` under `bench`."""
+    x = sub.add_parser("train", help="train Otter / OtterHD on DeepSpeed from a YAML config (docs/train.md)",
+                       description="Train from one YAML config. Single process as is; several with torchrun or "
+                                   "the deepspeed launcher.")
+    x.add_argument("config", help="a training YAML (configs/train/*.yaml)")
+    x.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a config key, e.g. --set optim.lr=3e-4 --set max_steps=100 (repeatable)")
+    x.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    x.set_defaults(func=cmd_train)
+
+    x = sub.add_parser("plot", help="PNG of loss and throughput curves from OUTPUT_DIR/metrics.jsonl")
+    x.add_argument("output_dir")
+    x.add_argument("--out", default=None, help="PNG path (default OUTPUT_DIR/metrics.png)")
+    x.set_defaults(func=cmd_plot)
+
+    if bench_sub is not None:
+        x = bench_sub.add_parser("train", help="training tokens/s on the CPU: native packed loader vs Otter-style "
+                                 "pad-to-longest, same tiny model (benches/train.py)")
+        x.add_argument("--model", default="auto", choices=["auto", "otter", "otterhd"],
+                       help="tiny model (auto: Otter when configs/models/otter-tiny.yaml exists, else OtterHD)")
+        x.add_argument("--data", default=None, help="a dataset YAML (default: the demo dataset, built in a temp dir)")
+        x.add_argument("--steps", type=int, default=12, help="optimizer steps measured per run (after 2 warm-up)")
+        x.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians reported)")
+        x.add_argument("--capacity", type=int, default=2048, help="packed row length (native)")
+        x.add_argument("--batch-size", type=int, default=8, help="Otter-style samples per batch")
+        x.add_argument("--json", default="benches/results/train.json")
+        x.set_defaults(func=cmd_bench_train)

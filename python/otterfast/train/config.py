@@ -1,0 +1,322 @@
+"""The training config: one YAML, typed sections, `--set a.b=c` overrides, validated on load.
+
+    cfg = load_config("configs/train/demo-otterhd.yaml", overrides=["optim.lr=3e-4", "max_steps=20"])
+
+Every key has a type (the dataclass annotations below, plus the loader's `LoaderConfig` and prepare's
+`PrepareOptions`, reused as sections so that their options cannot drift from the data code). An unknown or
+mistyped key is an error naming its full path and listing the valid keys of its section; a value of the wrong
+type names the key and the expected type. Relative paths are relative to the directory `otterfast train` runs
+in (the repository root for the shipped configs), as in litgpt and axolotl.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import yaml
+
+from ..data.batching import LoaderConfig
+from ..data.prepare import PrepareOptions
+
+
+class ConfigError(ValueError):
+    """A config problem, with the key path that caused it."""
+
+
+@dataclass
+class ModelSection:
+    config: str | None = None  # a model YAML (configs/models/*.yaml), or ...
+    inline: dict | None = None  # ... the same keys inline (exactly one of the two)
+
+
+@dataclass
+class DataSection:
+    index: str | None = None  # a prepared index dir (`otterfast data prepare`); with `yaml`: where to prepare it
+    yaml: str | None = None  # or a dataset YAML (MIMIC-IT), prepared once by rank 0 into `index`
+    tokenizer: str | None = None  # with `yaml`: the tokenizer folder (default: the YAML's folder/tokenizer)
+    prepare: PrepareOptions = field(default_factory=PrepareOptions)  # `otterfast data prepare` options
+    # The loader's options (docs/loader.md); seed, rank and world_size are the trainer's: not settable here.
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+
+
+@dataclass
+class OptimSection:
+    lr: float = 1e-4  # peak learning rate (after warmup)
+    weight_decay: float = 0.1  # on Linear/Conv weight matrices only (optim.py)
+    betas: list = field(default_factory=lambda: [0.9, 0.999])  # Otter's (torch defaults)
+    eps: float = 1e-8
+    decay_embeddings: bool = False  # also decay token/patch embedding tables and learned queries
+
+
+@dataclass
+class ScheduleSection:
+    name: str = "cosine"  # cosine | linear | constant (after warmup), counted in optimizer steps
+    warmup_steps: int = 0
+    warmup_ratio: float | None = None  # if set: warmup = round(ratio * total optimizer steps)
+    min_lr_ratio: float = 0.0  # cosine/linear decay to lr * min_lr_ratio at the last step
+
+
+@dataclass
+class DeepSpeedSection:
+    zero_stage: int = 0  # 0 (DDP-like), 1, 2, 3
+    offload_optimizer: bool = False  # ZeRO-Offload: optimizer state and step on the CPU (DeepSpeedCPUAdam)
+    offload_params: bool = False  # ZeRO-3 only: parameters on the CPU too
+    grad_clip: float = 1.0  # global grad-norm clipping (0: off)
+    config: str | None = None  # a DeepSpeed JSON used as is; its "auto" values are filled from this file
+    optimizer: str = "auto"  # auto | torch | deepspeed: auto = torch AdamW unless offload_optimizer
+
+
+@dataclass
+class LoggingSection:
+    progress: bool = True  # a progress bar under the per-step lines (rank 0)
+    tensorboard: bool = True  # OUTPUT_DIR/tensorboard
+    wandb_project: str | None = None  # wandb when set and `wandb` is importable
+    wandb_entity: str | None = None
+    wandb_name: str | None = None
+    peak_tflops: float | None = None  # per-device peak for MFU; default: metrics.PEAK_TFLOPS by GPU name
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0  # model init, data order (the loader's seed), dropout; each rank's RNG: seed + rank
+    output_dir: str = "runs/train"
+    max_steps: int | None = None  # optimizer steps; if unset, `epochs` decides
+    epochs: int | None = None  # full passes over the data (each in a new order); with max_steps: max_steps wins
+    grad_accum: int = 1  # micro-batches (loader batches) per optimizer step, per rank
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    save_every: int = 0  # checkpoint every N optimizer steps (0: only at the end)
+    keep_last: int = 2  # complete checkpoints kept (older ones deleted after a newer one is complete); 0: all
+    resume: str = "auto"  # auto (newest complete checkpoint in output_dir, if any) | off | a checkpoint path
+    stop_at_step: int | None = None  # end this process after that step (checkpoint saved), schedule unchanged
+    export: bool = True  # consolidated transformers export (safetensors + tokenizer) in OUTPUT_DIR/export
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+
+
+# Loader options owned by the trainer, not the config.
+_TRAINER_LOADER_KEYS = {"seed": "the top-level `seed`", "rank": "the launcher (RANK)",
+                        "world_size": "the launcher (WORLD_SIZE)"}
+
+
+# ---- generic typed loading ----------------------------------------------------------------------------
+
+def _hints(cls) -> dict:
+    import sys
+
+    return typing.get_type_hints(cls, vars(sys.modules[cls.__module__]))
+
+
+def _type_name(t) -> str:
+    if t is type(None):
+        return "null"
+    args = typing.get_args(t)
+    if typing.get_origin(t) in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    return getattr(t, "__name__", str(t))
+
+
+def _coerce(value: Any, t, path: str):
+    """`value` (from YAML or a --set string already YAML-parsed) as type `t`, or a ConfigError."""
+    origin = typing.get_origin(t)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(t)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, path)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(f"{path}: expected {_type_name(t)}, got {value!r}")
+    if t is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}: expected true or false, got {value!r}")
+    if t is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{path}: expected an integer, got {value!r}")
+    if t is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{path}: expected a number, got {value!r}")
+    if t is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # e.g. resume: a numeric folder name
+        raise ConfigError(f"{path}: expected a string, got {value!r}")
+    if t is dict or origin is dict:
+        if isinstance(value, dict):
+            return value
+        raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+    if t is list or origin is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        raise ConfigError(f"{path}: expected a list, got {value!r}")
+    if dataclasses.is_dataclass(t):
+        return _build(t, value, path)
+    raise ConfigError(f"{path}: unsupported type {t}")  # a schema bug, not a user error
+
+
+def _build(cls, doc: Any, path: str):
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path or 'config'}: expected a mapping of keys, got {doc!r}")
+    hints = _hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in doc.items():
+        where = f"{path}.{k}" if path else str(k)
+        if cls is LoaderConfig and k in _TRAINER_LOADER_KEYS:
+            raise ConfigError(f"{where}: set by {_TRAINER_LOADER_KEYS[k]}, not in data.loader")
+        if k not in names:
+            valid = [n for n in names if not (cls is LoaderConfig and n in _TRAINER_LOADER_KEYS)]
+            import difflib
+
+            close = difflib.get_close_matches(str(k), valid, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown key {where!r}{hint}; valid keys{' of ' + path if path else ''}: "
+                              f"{', '.join(valid)}")
+        kwargs[k] = _coerce(v, hints[k], where)
+    if cls is LoaderConfig:
+        try:
+            return LoaderConfig.make(None, **kwargs)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{path}: {e}") from None
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:  # PrepareOptions validates in __post_init__
+        raise ConfigError(f"{path or 'config'}: {e}") from None
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _set(doc: dict, dotted: str, raw: str) -> None:
+    """Apply one `a.b.c=value` override to the raw YAML dict (value parsed as YAML: numbers, bools, null)."""
+    keys = dotted.split(".")
+    if not all(keys):
+        raise ConfigError(f"--set {dotted}={raw}: empty key")
+    cur = doc
+    for k in keys[:-1]:
+        nxt = cur.get(k)
+        if nxt is None:
+            nxt = cur[k] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--set {dotted}: {k!r} is not a section")
+        cur = nxt
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    cur[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str] | None) -> list[tuple[str, str]]:
+    out = []
+    for o in overrides or []:
+        if "=" not in o:
+            raise ConfigError(f"--set {o!r}: expected key.path=value")
+        k, v = o.split("=", 1)
+        out.append((k.strip(), v))
+    return out
+
+
+def load_config(src: str | dict | None, overrides: list[str] | None = None) -> TrainConfig:
+    """A YAML path (or a dict) plus `key.path=value` overrides -> a validated TrainConfig."""
+    if isinstance(src, str):
+        with open(src) as f:
+            doc = yaml.safe_load(f) or {}
+        where = src
+    else:
+        doc, where = dict(src or {}), "config"
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{where}: the top level must be a mapping of keys")
+    import copy
+
+    doc = copy.deepcopy(doc)
+    for k, v in parse_overrides(overrides):
+        _set(doc, k, v)
+    try:
+        cfg = _build(TrainConfig, doc, "")
+        validate(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Cross-key checks that types alone do not catch."""
+    def bad(msg):
+        raise ConfigError(msg)
+
+    if cfg.max_steps is None and cfg.epochs is None:
+        bad("set max_steps or epochs")
+    if cfg.max_steps is not None and cfg.max_steps < 1:
+        bad("max_steps must be >= 1")
+    if cfg.epochs is not None and cfg.epochs < 1:
+        bad("epochs must be >= 1")
+    if cfg.grad_accum < 1:
+        bad("grad_accum must be >= 1")
+    if cfg.precision not in ("auto", "bf16", "fp32"):
+        bad(f"precision: expected auto, bf16 or fp32, got {cfg.precision!r}")
+    if cfg.save_every < 0 or cfg.keep_last < 0:
+        bad("save_every and keep_last must be >= 0")
+    if not cfg.resume:
+        bad("resume: expected auto, off or a checkpoint path")
+    if cfg.stop_at_step is not None and cfg.stop_at_step < 1:
+        bad("stop_at_step must be >= 1")
+    m = cfg.model
+    if (m.config is None) == (m.inline is None):
+        bad("model: set exactly one of model.config (a model YAML) and model.inline")
+    d = cfg.data
+    if d.index is None and d.yaml is None:
+        bad("data: set data.index (a prepared index) or data.yaml (a dataset YAML to prepare)")
+    o = cfg.optim
+    if o.lr <= 0 or o.weight_decay < 0 or o.eps <= 0:
+        bad("optim: lr and eps must be > 0, weight_decay >= 0")
+    if len(o.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in o.betas):
+        bad(f"optim.betas: expected two numbers in [0, 1), got {o.betas!r}")
+    s = cfg.schedule
+    if s.name not in ("cosine", "linear", "constant"):
+        bad(f"schedule.name: expected cosine, linear or constant, got {s.name!r}")
+    if s.warmup_steps < 0 or not 0 <= s.min_lr_ratio <= 1:
+        bad("schedule: warmup_steps >= 0 and min_lr_ratio in [0, 1]")
+    if s.warmup_ratio is not None and not 0 <= s.warmup_ratio < 1:
+        bad("schedule.warmup_ratio must be in [0, 1)")
+    z = cfg.deepspeed
+    if z.zero_stage not in (0, 1, 2, 3):
+        bad(f"deepspeed.zero_stage: expected 0, 1, 2 or 3, got {z.zero_stage}")
+    if z.offload_params and z.zero_stage != 3:
+        bad("deepspeed.offload_params needs zero_stage 3 (DeepSpeed ignores it otherwise)")
+    if z.offload_optimizer and z.zero_stage == 0:
+        bad("deepspeed.offload_optimizer needs zero_stage >= 1")
+    if z.optimizer not in ("auto", "torch", "deepspeed"):
+        bad(f"deepspeed.optimizer: expected auto, torch or deepspeed, got {z.optimizer!r}")
+    if z.grad_clip < 0:
+        bad("deepspeed.grad_clip must be >= 0")
+
+
+def dump(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,38 @@
+"""The consolidated transformers export: OUTPUT_DIR/export/ (config.json, model*.safetensors, tokenizer files)
+that `from_pretrained` loads.
+
+Under ZeRO-3 every rank holds a shard of each parameter: `engine._zero3_consolidated_16bit_state_dict()`
+gathers them (a collective, layer by layer) into a full state dict on rank 0; handing the partitioned module to
+`save_pretrained` without it is the pattern that writes empty tensors (Otter's bug, reference 8.2). Stages 0-2
+keep full parameters in the module. The weights are the ones the engine trains: bf16 under bf16 (the fp32
+master copy is in the checkpoints), fp32 on the CPU. Written to export.tmp and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+
+def export(engine, model, output_dir: str, index_dir: str, rank: int, prefix: str = "model.") -> str | None:
+    """Collective. `model` is the transformers model inside the engine's module, under attribute `prefix`."""
+    import torch.distributed as dist
+
+    if engine.zero_optimization_stage() == 3:
+        sd = engine._zero3_consolidated_16bit_state_dict()
+    else:
+        sd = engine.module.state_dict() if rank == 0 else None
+    out = os.path.join(output_dir, "export")
+    if rank == 0:
+        sd = {k[len(prefix):]: v.detach().cpu() for k, v in sd.items() if k.startswith(prefix)}
+        tmp = out + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, state_dict=sd)
+        tok = os.path.join(index_dir, "tokenizer")
+        if os.path.isdir(tok):
+            for name in os.listdir(tok):
+                shutil.copy2(os.path.join(tok, name), os.path.join(tmp, name))
+        shutil.rmtree(out, ignore_errors=True)
+        os.rename(tmp, out)
+    dist.barrier()
+    return out if rank == 0 else None
