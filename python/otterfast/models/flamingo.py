@@ -89,18 +89,22 @@ class MaskedCrossAttention(nn.Module):
         self.to_out = nn.Linear(inner, dim, bias=False)
 
     def forward(self, x: torch.Tensor, media: torch.Tensor, text_time: torch.Tensor) -> torch.Tensor:
+        return self.to_out(self.attend(x, media, text_time))
+
+    def attend(self, x: torch.Tensor, media: torch.Tensor, text_time: torch.Tensor) -> torch.Tensor:
+        """The attention output before `to_out`: (B, S, heads * dim_head)."""
         # x: (B, S, D); media: (B, M, L, Dv); text_time: (B, S) in 0..M
         B, S, _ = x.shape
         M, L = media.shape[1], media.shape[2]
         if M == 0 or L == 0:  # no media in the batch: every token gets exactly zero
-            return x.new_zeros(B, S, self.to_out.out_features)
+            return x.new_zeros(B, S, self.heads * self.dim_head)
         q = self.to_q(self.norm(x)).view(B, S, self.heads, self.dim_head).transpose(1, 2)
         k, v = self.to_kv(media.reshape(B, M * L, -1)).chunk(2, dim=-1)
         k = k.view(B, M * L, self.heads, self.dim_head).transpose(1, 2)
         v = v.view(B, M * L, self.heads, self.dim_head).transpose(1, 2)
-        if self.fused and self.only_immediate and x.is_cuda:
+        if self.fused and self.only_immediate and _fused_ok(x.device):
             out = _fused_media_attention(q, k, v, text_time, M, L)
-            return self.to_out(out.transpose(1, 2).reshape(B, S, -1))
+            return out.transpose(1, 2).reshape(B, S, -1)
         media_of_key = torch.arange(M * L, device=x.device) // L + 1  # 1-based media index of each key
         if self.only_immediate:
             allowed = text_time[:, :, None] == media_of_key[None, None, :]  # (B, S, M*L)
@@ -112,12 +116,20 @@ class MaskedCrossAttention(nn.Module):
         # Rows without media would be all-masked (NaN in SDPA): let them attend anywhere, then zero them.
         allowed = allowed | ~has_media[:, :, None]
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None])
-        out = out.transpose(1, 2).reshape(B, S, -1) * has_media[:, :, None].to(out.dtype)
-        return self.to_out(out)
+        return out.transpose(1, 2).reshape(B, S, -1) * has_media[:, :, None].to(out.dtype)
+
+
+def _fused_ok(device: torch.device) -> bool:
+    """The Triton kernels (kernels/, package otterfast_kernels) run here: CUDA, or the interpreter in tests."""
+    try:
+        from otterfast_kernels import fused_available
+    except ImportError:
+        return False
+    return fused_available(device)
 
 
 def _fused_media_attention(q, k, v, text_time, M: int, L: int):
-    """The Triton kernel (kernels/, package otterfast_kernels): same semantics, no mask or score tensor."""
+    """The Triton attention core: same semantics, no mask or score tensor, only each row's own media read."""
     from otterfast_kernels import masked_media_attention
 
     B, H, _, d = k.shape
@@ -136,7 +148,14 @@ class GatedCrossAttentionBlock(nn.Module):
         self.ff_gate = nn.Parameter(torch.tensor([0.0]))
 
     def forward(self, x: torch.Tensor, media: torch.Tensor, text_time: torch.Tensor) -> torch.Tensor:
-        x = self.attn(x, media, text_time) * self.attn_gate.tanh() + x
+        if self.attn.fused and _fused_ok(x.device):
+            # output projection, tanh gate and residual in one kernel (kernels/otterfast_kernels/gated_residual.py)
+            from otterfast_kernels import gated_residual_linear
+
+            x = gated_residual_linear(x, self.attn.attend(x, media, text_time), self.attn.to_out.weight,
+                                      self.attn_gate)
+        else:
+            x = self.attn(x, media, text_time) * self.attn_gate.tanh() + x
         return self.feed_forward(x) * self.ff_gate.tanh() + x
 
 
