@@ -1,21 +1,16 @@
 """The protocol a model must implement to be evaluated, and how a runner config's model entry becomes one.
 
-An adapter (otterfast.generate, written separately) implements `EvalModel` for Otter and OtterHD checkpoints.
-Contract, in short (docs/eval.md has the full text):
+Contract (docs/eval.md has the full text):
 
-- `template` names the prompt wrapping the runner applies before calling the model ("otter", "otterhd" or "raw",
-  see eval/templates.py). The runner passes the fully wrapped prompt; the adapter adds nothing textual except what
-  its model needs outside the text (OtterHD: image patch tokens before, the \\x04 boa token after).
-- `images` is a list of RGB PIL images in prompt order; for the otter template there is one "<image>" per image at
-  the start of the prompt. An empty list means a text-only row.
-- `generate(prompt, images, **decode)` returns only the newly generated text (no prompt, no <|endofchunk|>, no
-  EOS), stripped. `decode` holds transformers-style keys: max_new_tokens, num_beams, no_repeat_ngram_size,
-  do_sample, temperature, top_p, top_k, length_penalty.
-- `option_logliks(prompt, images, options)` returns, for each option string, the SUM of log p(token) over the
-  option's tokens only, each conditioned on the prompt (and images) and the option's earlier tokens. Prompt tokens
-  never enter the sum. The option is appended verbatim to the prompt (after the boa token for OtterHD); tokenize
-  prompt + option together and score the tokens past the prompt's length, so merges at the boundary are handled
-  the way the model saw them in training. Natural logarithm; float('nan') for an option that cannot be scored.
+- `render(question, n_images) -> str` (optional): the templated prompt for one query. The Otter/OtterHD adapter
+  has it (the checkpoint's own template); a model without it gets eval/templates.py's `template` attribute.
+- `images`: RGB PIL images in prompt order; an Otter prompt has one "<image>" per image. [] for text-only rows.
+- `generate(prompt, images, **decode) -> str`: the reply to an already templated prompt: new tokens only, stopped
+  at <|endofchunk|> or EOS, stripped. `decode` holds transformers-style keys (max_new_tokens, num_beams,
+  no_repeat_ngram_size, do_sample, temperature, top_p, top_k, length_penalty, ...).
+- `option_logliks(prompt, images, options) -> list[float]`: per option, the SUM over the option's tokens only of
+  the natural-log probability of each token given the prompt, the images and the option's earlier tokens; prompt
+  tokens never enter the sum. NaN marks an option that could not be scored (the row then parses as `other`).
 """
 
 from __future__ import annotations
@@ -30,7 +25,7 @@ DEFAULT_DECODE: dict[str, dict[str, Any]] = {
     "otter": {"max_new_tokens": 512, "num_beams": 3, "no_repeat_ngram_size": 3},
     "otterhd": {"max_new_tokens": 256, "num_beams": 1, "do_sample": False},
 }
-DEFAULT_TEMPLATE = {"otter": "otter", "otterhd": "otterhd"}
+GENERATOR_KEYS = ("tokenizer", "device", "dtype", "image_transform")  # `options` keys otterfast.generate takes
 
 
 @runtime_checkable
@@ -46,7 +41,7 @@ class EvalModel(Protocol):
 class ReplayModel:
     """Replies read back from earlier predictions files, looked up by dataset name and parquet row."""
 
-    template = "otter"
+    template = "otter-image"
 
     def __init__(self, name: str, predictions: dict[str, str] | str, template: str | None = None):
         self.name = name
@@ -100,11 +95,38 @@ def load_eval_model(spec: dict) -> EvalModel | ReplayModel:
             raise NotImplementedError(
                 f"model {spec.get('name')!r} (kind {kind}): otterfast.generate.load_eval_model is not available "
                 f"({e}); the Otter/OtterHD eval adapters live in python/otterfast/generate/") from e
-        return impl(spec)
+        gspec = {"kind": kind, "path": spec["path"], "name": spec.get("name")}
+        if spec.get("template"):
+            gspec["template"] = spec["template"]
+        gspec.update(spec.get("options") or {})
+        return GeneratorModel(impl(gspec), spec.get("name"))
     if kind == "external":
         raise ValueError(f"model {spec.get('name')!r}: kind external is supplied programmatically "
                          "(run_config(..., models={name: obj}))")
     raise ValueError(f"model {spec.get('name')!r}: unknown kind {kind!r}; valid: {list(MODEL_KINDS)}")
+
+
+class GeneratorModel:
+    """EvalModel over otterfast.generate's Generator: its template renders the prompt, then generate_text /
+    option_logliks take the templated text."""
+
+    def __init__(self, gen: Any, name: str | None = None):
+        self.gen = gen
+        self.name = name or getattr(gen, "name", "model")
+        self.template = gen.template
+
+    def render(self, question: str, n_images: int) -> str:
+        text = self.gen.prompt(question, n_images=n_images)
+        if getattr(self.gen, "kind", None) == "otter" and n_images > 1:
+            # Generator templates hold one <image> for the query; an eval row with several images needs one each
+            text = text.replace("<image>", "<image>" * n_images, 1)
+        return text
+
+    def generate(self, prompt: str, images: list, **decode: Any) -> str:
+        return self.gen.generate_text(prompt, images, **decode)
+
+    def option_logliks(self, prompt: str, images: list, options: list[str]) -> list[float]:
+        return self.gen.option_logliks(prompt, images, options)
 
 
 def describe(model: Any) -> dict:
@@ -112,4 +134,4 @@ def describe(model: Any) -> dict:
             "class": type(model).__name__}
 
 
-__all__ = ["EvalModel", "ReplayModel", "load_eval_model", "DEFAULT_DECODE", "MODEL_KINDS", "describe"]
+__all__ = ["EvalModel", "GeneratorModel", "ReplayModel", "load_eval_model", "DEFAULT_DECODE", "MODEL_KINDS", "describe"]

@@ -21,14 +21,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .judge import Judge, JudgeConfig
-from .model_api import DEFAULT_DECODE, DEFAULT_TEMPLATE, MODEL_KINDS, ReplayModel, describe, load_eval_model
+from .model_api import DEFAULT_DECODE, GENERATOR_KEYS, MODEL_KINDS, ReplayModel, describe, load_eval_model
 from .predictions import read_predictions, write_line
 from .progress import Progress
 from .report import markdown, write_json, write_jsonl
 from .score import score_lines, withheld
 from .tasks import TASKS, get_task
 from .tasks.mc import argmax_letter
-from .templates import TEMPLATES, continuation, wrap
+from .templates import canonical, continuation, wrap
 
 TOP_KEYS = ("output", "models", "datasets", "judge", "limit", "resume")
 MODEL_KEYS = ("name", "kind", "path", "template", "decode", "options", "predictions")
@@ -93,8 +93,13 @@ def parse_config(cfg: dict, base_dir: str = ".") -> RunConfig:
             if not p:
                 raise ConfigError(f"{where}: kind replay needs `predictions`")
             m["predictions"] = {k: path(v) for k, v in p.items()} if isinstance(p, dict) else path(p)
-        if m.get("template") is not None and m["template"] not in TEMPLATES:
-            raise ConfigError(f"{where}: template {m['template']!r}; valid: {list(TEMPLATES)}")
+        if m.get("template") is not None and m["kind"] not in ("otter", "otterhd"):
+            try:  # otter/otterhd templates are checked by otterfast.generate against the checkpoint's family
+                canonical(m["template"])
+            except ValueError as e:
+                raise ConfigError(f"{where}: {e}") from e
+        if m["kind"] in ("otter", "otterhd"):
+            _check_keys(m.get("options") or {}, GENERATOR_KEYS, f"{where}.options")
         _check_keys(m.get("decode") or {}, DECODE_KEYS, f"{where}.decode")
     dnames = set()
     for i, d in enumerate(cfg["datasets"]):
@@ -148,9 +153,9 @@ def run_dataset(model, mspec: dict, dspec: dict, rc: RunConfig, judge: Judge | N
     loaded = task.load(dspec["data"], with_images=not replay)
     limit = dspec.get("limit", rc.limit)
     items = task.subset(loaded.items, limit)
-    template = mspec.get("template") or getattr(model, "template", None) or DEFAULT_TEMPLATE.get(mspec["kind"])
-    if template not in TEMPLATES:
-        raise ConfigError(f"model {mspec['name']!r}: template {template!r}; valid: {list(TEMPLATES)}")
+    render = getattr(model, "render", None)
+    template = getattr(model, "template", None) if callable(render) else \
+        canonical(mspec.get("template") or getattr(model, "template", None) or "otter-image")
     decode = {**DEFAULT_DECODE.get(mspec["kind"], {}), **(mspec.get("decode") or {}), **(dspec.get("decode") or {})}
 
     folder = os.path.join(rc.output, mspec["name"], dspec["name"])
@@ -163,7 +168,7 @@ def run_dataset(model, mspec: dict, dspec: dict, rc: RunConfig, judge: Judge | N
     with open(pred_path + ".tmp", "w", encoding="utf-8") as f:
         for it in todo:
             q = task.question(it, opts)
-            prompt = wrap(template, q, it.n_images)
+            prompt = render(q, it.n_images) if callable(render) else wrap(template, q, it.n_images)
             settings = {"scoring": "option_loglik_sum"} if mode == "likelihood" else decode
             prev = old.get(it.row)
             if prev is not None and prev.get("prompt") == prompt and prev.get("decode") == settings:
@@ -189,7 +194,7 @@ def run_dataset(model, mspec: dict, dspec: dict, rc: RunConfig, judge: Judge | N
                     else:
                         line["reply"] = model.generate(prompt, images, **decode)
                         for name, q2 in task.extra_questions(it, opts).items():
-                            p2 = wrap(template, q2, it.n_images)
+                            p2 = render(q2, it.n_images) if callable(render) else wrap(template, q2, it.n_images)
                             line[f"{name}_prompt"] = p2
                             line[f"{name}_reply"] = model.generate(p2, images, **decode)
             write_line(f, line)

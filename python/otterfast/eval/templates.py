@@ -1,30 +1,48 @@
-"""Model prompt templates: wrap a task's question text the way each model family was prompted in Otter's benchmarks.
+"""Prompt templates for models without their own (fake, replay, `external`), named as in otterfast.generate.
 
-The runner hands the wrapped string to the model adapter unchanged (eval-reference 1.0, 2.1, 2.4):
-- otter:   "<image>" * n_images + "User: {q} GPT:<answer>"   (media first, one <image> per image)
-- otterhd: "User: {q} Assistant:"   (the adapter adds Fuyu's image patches before and the \\x04 boa token after)
-- raw:     "{q}"   (fuyu.py sends the bare prompt)
+A model that has a `render(question, n_images)` method (the Otter/OtterHD adapter) templates its own prompts, so
+a checkpoint gets the template it was trained with; these strings match otterfast.generate.templates for one
+query without in-context examples (eval-reference 1.0, 2.1, 2.4):
 
-For likelihood scoring each option is a continuation appended verbatim after the prompt (after the boa token for
-OtterHD); `continuation` puts the one space the inference templates have between the answer marker and the answer.
+    otter-image  "<image>" * n + "User: {q} GPT:<answer>"     Otter's benchmarks (alias: otter)
+    simple       "<image>" * n + "User:{q} GPT:<answer>"      Otter's/otterfast's training format
+    otterhd      "User: {q} Assistant:\\x04"                   OtterHD's benchmarks; image patches come from the model
+    fuyu         "User:{q} Assistant:\\x04"                    otterfast's Fuyu training format
+    raw          "{q}"
 """
 
 from __future__ import annotations
 
-TEMPLATES = ("otter", "otterhd", "raw")
+IMAGE, ANSWER, BOA = "<image>", "<answer>", "\x04"
+TEMPLATES = ("otter-image", "simple", "otterhd", "fuyu", "raw")
+ALIASES = {"otter": "otter-image"}
+# Where the answer follows the prompt with a space in that format (`<answer> {a}`, `\x04 {a}`), a likelihood
+# option gets the same leading space.
+_SPACE_BEFORE_ANSWER = {"otter-image": True, "simple": False, "llama2": False, "otterhd": True, "fuyu": True,
+                        "raw": False}
+
+
+def canonical(template: str) -> str:
+    t = ALIASES.get(template, template)
+    if t not in TEMPLATES:
+        raise ValueError(f"unknown template {template!r}; valid: {', '.join(TEMPLATES)} (alias otter)")
+    return t
 
 
 def wrap(template: str, question: str, n_images: int) -> str:
-    if template == "otter":
-        return "<image>" * n_images + f"User: {question} GPT:<answer>"
-    if template == "otterhd":
-        return f"User: {question} Assistant:"
-    if template == "raw":
-        return question
-    raise ValueError(f"unknown template {template!r}; valid: {', '.join(TEMPLATES)}")
+    t = canonical(template)
+    if t == "otter-image":
+        return IMAGE * n_images + f"User: {question} GPT:{ANSWER}"
+    if t == "simple":
+        return IMAGE * n_images + f"User:{question} GPT:{ANSWER}"
+    if t == "otterhd":
+        return f"User: {question} Assistant:{BOA}"
+    if t == "fuyu":
+        return f"User:{question} Assistant:{BOA}"
+    return question
 
 
-def continuation(template: str, option: str) -> str:
-    if template not in TEMPLATES:
-        raise ValueError(f"unknown template {template!r}; valid: {', '.join(TEMPLATES)}")
-    return option if template == "raw" else " " + option
+def continuation(template: str | None, option: str) -> str:
+    """A likelihood option as appended after the templated prompt."""
+    t = ALIASES.get(template or "raw", template or "raw")
+    return (" " + option) if _SPACE_BEFORE_ANSWER.get(t, True) else option
