@@ -315,3 +315,24 @@ def test_every_model_config_loads():
         load_model_config({"architecture": "otter", "otter": {"cross_attn_every_n_layer": 4}})
     with pytest.raises(FileNotFoundError, match="local copy"):
         build_model(load_model_config(os.path.join(folder, "otter-mpt7b.yaml")), {"vocab_size": 10, "media_id": 3})
+
+
+def test_new_otter_from_pretrained_parts(tmp_path):
+    """Otter's -Init recipe: a pretrained LM and CLIP, new Flamingo parts with closed gates -> the LM's outputs."""
+    from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(3)
+    lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(**LLAMA)).eval()
+    lm.save_pretrained(str(tmp_path / "lm"))
+    clip = CLIPVisionModel(CLIPVisionConfig(**VISION)).eval()
+    clip.save_pretrained(str(tmp_path / "clip"))
+    cfg = load_model_config({"architecture": "otter", "lang_encoder": str(tmp_path / "lm"),
+                             "vision_encoder": str(tmp_path / "clip"), "otter": {**SMALL}})
+    model = build_model(cfg, {"vocab_size": 100, "media_id": IMG, "eoc_id": EOC}).eval()
+    ids = torch.tensor([[1, IMG, 5, 6, 7, 8]])
+    vx = torch.randn(1, 1, 1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, vision_x=vx).logits, lm(ids).logits)
+        torch.testing.assert_close(model.encode_frames(vx[0, 0]), clip(pixel_values=vx[0, 0]).last_hidden_state[:, 1:])
+    with pytest.raises(FileNotFoundError, match="local copy"):
+        build_model(load_model_config({"architecture": "otter", "lang_encoder": str(tmp_path / "nope")}), {})

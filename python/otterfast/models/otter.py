@@ -358,12 +358,17 @@ class OtterModelConfig:
     """A model YAML of configs/models/ (architecture: otter).
 
     `checkpoint`: a local Otter checkpoint folder (config.json + safetensors, e.g. a downloaded
-    luodian/OTTER-MPT7B-Init); None: random init from `otter` (OtterConfig fields, with vision_config and
-    text_config). `media_token_id` / `eoc_token_id` and the vocabulary come from the prepared index's tokenizer.
+    luodian/OTTER-MPT7B-Init). Else a new Otter: `lang_encoder` (a local transformers causal-LM folder, or a
+    `.gguf` file) and `vision_encoder` (a local CLIP or CLIP-vision folder) give pretrained parts, as Otter's
+    -Init checkpoints were made; what is not given is randomly initialised from `otter`'s `text_config` /
+    `vision_config`; the Flamingo parts are always new (gates at 0). `otter`: OtterConfig fields.
+    `media_token_id` / `eoc_token_id` and the vocabulary come from the prepared index's tokenizer.
     """
 
     architecture: str = "otter"
     checkpoint: str | None = None
+    lang_encoder: str | None = None
+    vision_encoder: str | None = None
     otter: dict = field(default_factory=dict)
     dtype: str = "float32"
 
@@ -401,9 +406,22 @@ def build_otter(cfg: OtterModelConfig, tok: dict) -> OtterForConditionalGenerati
     else:
         doc = dict(cfg.otter)
         text = dict(doc.pop("text_config", {}) or {})
-        text.setdefault("vocab_size", tok["vocab_size"])
-        conf = OtterConfig(text_config=text, **doc)
+        vision = dict(doc.pop("vision_config", {}) or {})
+        lm = clip = None
+        if cfg.lang_encoder:
+            lm = _load_pretrained_lm(cfg.lang_encoder, dtype)
+            text = {**lm.config.to_dict(), **text}
+        else:
+            text.setdefault("vocab_size", tok["vocab_size"])
+        if cfg.vision_encoder:
+            clip = CLIPVisionModel.from_pretrained(_local_dir(cfg.vision_encoder), local_files_only=True, dtype=dtype)
+            vision = {**clip.config.to_dict(), **vision}
+        conf = OtterConfig(text_config=text, vision_config=vision, **doc)
         model = OtterForConditionalGeneration(conf).to(dtype)
+        if lm is not None:
+            load_lm_weights(model, lm.state_dict())
+        if clip is not None:
+            model.vision_encoder.load_state_dict(clip.state_dict())
     if model.config.media_token_id is None:
         model.config.media_token_id = tok["media_id"]
     if model.config.eoc_token_id is None:
@@ -412,6 +430,41 @@ def build_otter(cfg: OtterModelConfig, tok: dict) -> OtterForConditionalGenerati
         model.lang_encoder.resize_token_embeddings(tok["vocab_size"])
         model.set_trainable()
     return model
+
+
+def _local_dir(path: str) -> str:
+    import os
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: not found (a local copy is needed; nothing is downloaded)")
+    return path
+
+
+def _load_pretrained_lm(path: str, dtype):
+    """A transformers causal LM from a local folder, or from a .gguf file (dequantised by transformers)."""
+    import os
+
+    _local_dir(path)
+    if path.endswith(".gguf"):
+        return AutoModelForCausalLM.from_pretrained(os.path.dirname(path) or ".", gguf_file=os.path.basename(path),
+                                                    local_files_only=True, dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+
+
+def load_lm_weights(model: OtterForConditionalGeneration, state: dict) -> None:
+    """A plain LM's state dict into the wrapped LM: `<layers>.N.X` -> `<layers>.N.decoder_layer.X`; strict."""
+    prefix = model.decoder_layers_path + "."
+    mapped = {}
+    for k, v in state.items():
+        if k.startswith(prefix):
+            n, _, rest = k[len(prefix):].partition(".")
+            k = f"{prefix}{n}.decoder_layer.{rest}"
+        mapped[k] = v
+    missing, unexpected = model.lang_encoder.load_state_dict(mapped, strict=False)
+    missing = [k for k in missing if "gated_cross_attn_layer" not in k and "lora_" not in k]
+    if missing or unexpected:
+        raise ValueError(f"the pretrained LM does not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.lang_encoder.tie_weights()
 
 
 # ----------------------------------------------------------------------------------------- loader batches glue
