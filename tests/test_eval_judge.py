@@ -229,3 +229,19 @@ def test_magnifier_freeform_judged(stub, tmp_path):
     res, _ = score_lines("magnifierbench", p, lines, judge=j)
     assert res["metrics"]["freeform_accuracy"] is None and res["metrics"]["freeform"]["judge_failures"] == 2
     assert res["metrics"]["accuracy"] == 1.0  # the multiple-choice half needs no judge
+
+
+def test_mathvista_judge_extractor(stub, tmp_path):
+    p = write_parquet(str(tmp_path / "mv.parquet"), {
+        "pid": ["1", "2"], "question": ["How many?", "Which?"], "decoded_image": [image_struct(png())] * 2,
+        "choices": [None, ["3", "4"]], "precision": [None, None], "answer": ["3", "4"],
+        "question_type": ["free_form", "multi_choice"], "answer_type": ["integer", "text"]})
+    stub.default = (200, lambda body: "3" if "How many?" in body["messages"][0]["content"] else "NONE")
+    lines = {0: {"row": 0, "reply": "I count three, so 3"}, 1: {"row": 1, "reply": "hmm"}}
+    res, samples = score_lines("mathvista", p, lines, {"extractor": "judge"}, judge=_judge(stub, tmp_path))
+    # NONE is an empty extraction: wrong, never mapped to the nearest choice (trap 8)
+    assert res["metrics"]["accuracy"] == 0.5 and samples[1]["pred"] is None and res["metrics"]["judge_failures"] == 0
+    stub.default = (500, "down")
+    j = Judge(JudgeConfig(url=stub.url, model="m", max_attempts=1))
+    res, _ = score_lines("mathvista", p, lines, {"extractor": "judge"}, judge=j)
+    assert res["metrics"]["accuracy"] is None and res["metrics"]["judge_failures"] == 2

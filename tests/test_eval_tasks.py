@@ -230,6 +230,8 @@ def test_mathvista_hand_worked(mv_file):
     assert [s["correct"] for s in samples] == [True, True, False, True, True]
     assert samples[2]["pred"] is None and res["metrics"]["unextracted"] == 1
     assert res["metrics"]["accuracy"] == 4 / 5
+    assert res["metrics"]["by_skills"] == {"arithmetic": {"n": 5, "accuracy": 0.8}}
+    assert res["metrics"]["by_question_type"]["multi_choice"] == {"n": 2, "accuracy": 0.5}
 
 
 def test_mathvista_zero_is_zero_not_none(mv_file):

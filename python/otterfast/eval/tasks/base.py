@@ -102,7 +102,8 @@ def accuracy_by(samples: list[dict], key: str) -> dict[str, dict]:
         k = s.get(key)
         if k is None:
             continue
-        groups.setdefault(str(k), []).append(bool(s["correct"]))
+        for kk in (k if isinstance(k, (list, tuple)) else [k]):  # a list field (MathVista skills): each element
+            groups.setdefault(str(kk), []).append(bool(s["correct"]))
     return {k: {"n": len(v), "accuracy": frac(sum(v), len(v))} for k, v in sorted(groups.items())}
 
 

@@ -154,7 +154,7 @@ class MathVista(Task):
              "metadata": meta}
         for k in GROUP_FIELDS:
             if k not in ("question_type", "answer_type") and k in meta:
-                f[k] = ",".join(map(str, meta[k])) if isinstance(meta[k], (list, tuple)) else meta[k]
+                f[k] = [str(x) for x in meta[k]] if isinstance(meta[k], (list, tuple)) else meta[k]
         return f
 
     def question(self, item, opts):
