@@ -25,6 +25,12 @@ def interpreting() -> bool:
     return _INTERPRET
 
 
+def autotune_enabled() -> bool:
+    """Autotune on the GPU unless OTTERFAST_KERNELS_AUTOTUNE=0 (tests: one compile per shape class, not one per
+    config). The interpreter never autotunes (it cannot, and it would be slow)."""
+    return not _INTERPRET and os.environ.get("OTTERFAST_KERNELS_AUTOTUNE", "1") != "0"
+
+
 def fused_available(device: torch.device | str | None = None) -> bool:
     """Whether the Triton path can run for tensors on `device`.
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import HAS_TRITON, dot_precision, interpreting
+from ._common import HAS_TRITON, autotune_enabled, dot_precision, interpreting
 
 if HAS_TRITON:
     import triton
@@ -39,6 +39,9 @@ EPI_SCALE_GATE = 2  # C = t * acc, and GP[tile] = sum(W_tile * acc)   (dW and th
 def _configs():
     if interpreting():
         return [triton.Config({"BLOCK_R": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_R": 4}, num_warps=4)]
+    if not autotune_enabled():
+        return [triton.Config({"BLOCK_R": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_R": 8}, num_warps=8,
+                              num_stages=2)]
     return [triton.Config({"BLOCK_R": br, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_R": 8}, num_warps=w, num_stages=s)
             for br, bn, bk, w, s in [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4),
                                      (128, 64, 64, 4, 4), (128, 128, 32, 4, 4)]]
@@ -129,18 +132,20 @@ class GatedResidualLinear(torch.autograd.Function):
     def forward(ctx, x, a, weight, gate):
         tg = gate.detach().reshape(1).float().tanh()
         a2, x2 = _rows(a), _rows(x)
-        y = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+        # eager semantics: x + (lower-precision projection) promotes, e.g. an fp32 residual stream with bf16 a
+        y = torch.empty(x.shape, device=x.device, dtype=torch.promote_types(x.dtype, a.dtype))
         # a @ W^T: W^T is W with its strides swapped
         _matmul(a2, weight.t(), _rows(y), tg, EPI_RESIDUAL, x2=x2)
         ctx.save_for_backward(a, weight, gate, tg)
+        ctx.x_dtype = x.dtype
         return y
 
     @staticmethod
     def backward(ctx, dy):
         a, weight, gate, tg = ctx.saved_tensors
-        dy2 = _rows(dy)
         need_x, need_a, need_w, need_g = ctx.needs_input_grad
-        dx = dy if need_x else None
+        dx = dy.to(ctx.x_dtype) if need_x else None  # no copy when the dtypes agree
+        dy2 = _rows(dy.to(a.dtype))  # the projection's backward runs in its own precision, as under autocast
         da = dw = dgate = None
         if need_a:
             da = torch.empty(a.shape, device=a.device, dtype=a.dtype)
@@ -160,7 +165,9 @@ def gated_residual_linear(x: torch.Tensor, a: torch.Tensor, weight: torch.Tensor
     """y = x + tanh(gate) * (a @ weight.T), fused (one kernel forward, two backward).
 
     x (..., D_out), a (..., D_in) with the same leading dims, weight (D_out, D_in), gate a 1-element tensor.
-    x, a and weight share a dtype; accumulation is fp32. Same semantics as `reference.gated_residual_linear_ref`.
+    a and weight are multiplied in a's dtype (weight is cast to it, as autocast would) with fp32 accumulation; x
+    may be wider (an fp32 residual stream): y has x's and a's promoted dtype, as in eager PyTorch.
+    Same semantics as `reference.gated_residual_linear_ref`.
     """
     if weight.dim() != 2 or x.shape[-1] != weight.shape[0] or a.shape[-1] != weight.shape[1] \
             or x.shape[:-1] != a.shape[:-1]:
@@ -168,6 +175,9 @@ def gated_residual_linear(x: torch.Tensor, a: torch.Tensor, weight: torch.Tensor
                          f"{tuple(a.shape)}, {tuple(weight.shape)}")
     if gate.numel() != 1:
         raise ValueError(f"gate must have one element; got shape {tuple(gate.shape)}")
-    if not (x.dtype == a.dtype == weight.dtype):
-        raise TypeError(f"x, a, weight must share a dtype; got {x.dtype}, {a.dtype}, {weight.dtype}")
+    for t in (x, a, weight):
+        if not t.dtype.is_floating_point or t.dtype == torch.float64:
+            raise TypeError(f"x, a, weight must be fp32, fp16 or bf16; got {x.dtype}, {a.dtype}, {weight.dtype}")
+    if weight.dtype != a.dtype:
+        weight = weight.to(a.dtype)  # differentiable: dW comes back in the parameter's dtype
     return GatedResidualLinear.apply(x, a, weight, gate)

@@ -27,7 +27,8 @@ import math
 
 import torch
 
-from ._common import (HAS_TRITON, dot_precision, interpreting, next_pow2_at_least_16, num_sms)
+from ._common import (HAS_TRITON, autotune_enabled, dot_precision, interpreting, next_pow2_at_least_16,
+                      num_sms)
 
 if HAS_TRITON:
     import triton
@@ -42,6 +43,8 @@ def _configs(kind: str):
     if interpreting():
         # One config: the interpreter cannot autotune (and would be slow doing it).
         return [triton.Config({"BLOCK_T": 32}, num_warps=4)]
+    if not autotune_enabled():
+        return [triton.Config({"BLOCK_T": 64}, num_warps=4, num_stages=2)]
     if kind == "fwd":
         return [triton.Config({"BLOCK_T": bt}, num_warps=w, num_stages=s)
                 for bt, w, s in [(64, 4, 2), (128, 4, 2), (128, 8, 2), (64, 4, 3), (32, 4, 2)]]

@@ -92,6 +92,20 @@ def test_fp16(device):
     torch.testing.assert_close(got[4], want[4], atol=gate_atol(x, a, w, dy, 1e-2), rtol=1e-2)
 
 
+def test_mixed_precision_like_autocast(device):
+    """fp32 residual stream and weight, fp16 activations: the projection runs in fp16, y and dx stay fp32."""
+    x, a, w, g, dy = inputs((2, 37), 48, 40, 0.4, device=device, seed=4)
+    want = run(gated_residual_linear_ref, x, a, w, g, dy)
+    a16 = a.detach().half().requires_grad_()
+    y = ok.gated_residual_linear(x, a16, w, g)
+    assert y.dtype == torch.float32
+    dx, da, dw, dg = torch.autograd.grad(y, (x, a16, w, g), dy)
+    assert (dx.dtype, da.dtype, dw.dtype) == (torch.float32, torch.float16, torch.float32)
+    for gt, wt in zip((y, dx, da, dw), want[:4]):
+        torch.testing.assert_close(gt.float(), wt, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(dg, want[4], atol=gate_atol(x, a, w, dy, 1e-2), rtol=1e-2)
+
+
 @pytest.mark.skipif(not CUDA, reason="bf16 runs only on a GPU: Triton's CPU interpreter computes bf16 arithmetic "
                                      "wrongly, so a CPU result would test the interpreter")
 @pytest.mark.gpu
@@ -118,3 +132,6 @@ def test_validation():
         ok.gated_residual_linear(torch.zeros(3, 4), torch.zeros(3, 5), torch.zeros(4, 5), torch.zeros(2))
     with pytest.raises(TypeError):
         ok.gated_residual_linear(torch.zeros(3, 4), torch.zeros(3, 5).double(), torch.zeros(4, 5), torch.zeros(1))
+    with pytest.raises(TypeError):
+        ok.gated_residual_linear(torch.zeros(3, 4), torch.zeros(3, 5, dtype=torch.long), torch.zeros(4, 5),
+                                 torch.zeros(1))
