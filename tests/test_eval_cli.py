@@ -61,7 +61,7 @@ class FakeModel:
     def generate(self, prompt, images, **decode):
         self.calls.append(("generate", prompt, len(images), decode))
         assert prompt.count("<image>") == len(images) and all(im.mode == "RGB" for im in images)
-        if "There are several" in prompt or "The answer is" in prompt:
+        if "There are several" in prompt or "The answer is" in prompt or "option letter" in prompt:
             return "The answer is B." if "dog" in prompt else "The answer is E."
         return "Yes, there is." if "dog" in prompt else "No."
 
@@ -250,3 +250,19 @@ def test_progress_bar_has_eta():
     p.close()
     line = p.line()
     assert "m/pope [" in line and "4/4 100%" in line and "ETA 0:00:00" in line and "it/s" in line
+
+
+def test_run_magnifierbench_asks_freeform_and_withholds_without_judge(tmp_path):
+    p = write_parquet(str(tmp_path / "mb.parquet"), {
+        "id": ["1", "2"], "instruction": ["Which animal is it? A. cat, B. dog", "Which one? A. dog, B. cat"],
+        "answer": ["B", "A"], "images": [[IMG], [IMG, IMG]]})
+    fake = FakeModel()
+    cfg = {"output": str(tmp_path / "runs"), "models": [{"name": "fake", "kind": "external"}],
+           "datasets": [{"task": "magnifierbench", "data": p}]}
+    [r] = run_config(cfg, models={"fake": fake}, progress=False)
+    [line] = _jsonl(tmp_path / "runs" / "fake" / "magnifierbench" / "predictions.jsonl")  # row 1: 2 images, skipped
+    assert line["freeform_prompt"] == "<image>User: Which animal is it? GPT:<answer>"
+    assert line["freeform_reply"] == "No."
+    m = r["metrics"]
+    assert m["skipped"] == 1 and r["n"] == 1 and m["accuracy"] == 1.0
+    assert m["freeform_accuracy"] is None and m["freeform"]["withheld"] == "no judge configured"
