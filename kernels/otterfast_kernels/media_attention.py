@@ -126,6 +126,21 @@ if HAS_TRITON:
                  mask=row_ok[:, None] & dim_ok[None, :])
         tl.store(LSE + pid_bh.to(tl.int64) * T + rows, lse, mask=row_ok)
 
+    @triton.jit
+    def _owned_rows(tt_base, stt_t, row_lo, row_hi, m, M, SCAN: tl.constexpr):
+        """First and last row in [row_lo, row_hi) that program m owns: text_time == m, or for m = 0 the rows
+        without media (text_time < 1 or > M). (row_hi, row_lo - 1) when there are none."""
+        first = row_hi
+        last = row_lo - 1
+        for r0 in range(row_lo, row_hi, SCAN):
+            r = r0 + tl.arange(0, SCAN)
+            ok = r < row_hi
+            t = tl.load(tt_base + r * stt_t, mask=ok, other=0).to(tl.int32)
+            hit = ok & tl.where(m == 0, (t < 1) | (t > M), t == m)
+            first = tl.minimum(first, tl.min(tl.where(hit, r, row_hi), axis=0))
+            last = tl.maximum(last, tl.max(tl.where(hit, r, row_lo - 1), axis=0))
+        return first, last
+
     @triton.autotune(configs=_configs("bwd"), key=["T", "BLOCK_L", "BLOCK_D"],
                      prune_configs_by={"early_config_prune": _prune})
     @triton.jit
@@ -153,13 +168,19 @@ if HAS_TRITON:
         dim_ok = dim < D
         n_qb = tl.cdiv(T, BLOCK_T)
         per_split = tl.cdiv(n_qb, SPLIT)
-        qb_lo = pid_s * per_split
-        qb_hi = tl.minimum(qb_lo + per_split, n_qb)
+        row_lo = pid_s * per_split * BLOCK_T
+        row_hi = tl.maximum(tl.minimum(row_lo + per_split * BLOCK_T, T), row_lo)  # empty for surplus chunks
         tt_base = TT + b.to(tl.int64) * stt_b
         dq_base = DQ + b.to(tl.int64) * sdq_b + h.to(tl.int64) * sdq_h
+        # The query blocks this program needs: those between the first and the last row (of this chunk) that it
+        # owns. Found by a wide vectorised scan of text_time rather than block by block, so that a media's
+        # program does not pay one dependent load latency per block of the other media.
+        first, last = _owned_rows(tt_base, stt_t, row_lo, row_hi, pid_m, M, SCAN=1024)
+        qb_first = first // BLOCK_T
+        qb_end = tl.where(last >= first, last // BLOCK_T + 1, qb_first)
 
         if pid_m == 0:
-            for qb in range(qb_lo, qb_hi):
+            for qb in range(qb_first, qb_end):
                 rows = qb * BLOCK_T + tl.arange(0, BLOCK_T)
                 row_ok = rows < T
                 tt = tl.load(tt_base + rows * stt_t, mask=row_ok, other=0).to(tl.int32)
@@ -182,32 +203,35 @@ if HAS_TRITON:
             q_base = Q + b.to(tl.int64) * sq_b + h.to(tl.int64) * sq_h
             o_base = O + b.to(tl.int64) * so_b + h.to(tl.int64) * so_h
             do_base = DO + b.to(tl.int64) * sdo_b + h.to(tl.int64) * sdo_h
-            for qb in range(qb_lo, qb_hi):
+            # No per-block "any row selected?" branch: with piecewise-constant text_time every block in
+            # [qb_first, qb_end) has rows of m, and a branch-free body lets Triton pipeline the loads. A block
+            # without such rows (non-monotone text_time) is still exact: every load is masked to the selected
+            # rows, so its p is 0 and it adds exactly nothing.
+            for qb in range(qb_first, qb_end):
                 rows = qb * BLOCK_T + tl.arange(0, BLOCK_T)
                 row_ok = rows < T
                 tt = tl.load(tt_base + rows * stt_t, mask=row_ok, other=0).to(tl.int32)
                 sel = row_ok & (tt == m)
-                if tl.max(sel.to(tl.int32), axis=0) > 0:
-                    # Only the selected rows are read: other rows belong to other programs (or to nobody).
-                    rmask = sel[:, None] & dim_ok[None, :]
-                    q = tl.load(q_base + rows[:, None] * sq_t + dim[None, :] * sq_d, mask=rmask, other=0.0)
-                    do = tl.load(do_base + rows[:, None] * sdo_t + dim[None, :] * sdo_d, mask=rmask, other=0.0)
-                    o = tl.load(o_base + rows[:, None] * so_t + dim[None, :] * so_d, mask=rmask, other=0.0)
-                    lse = tl.load(LSE + pid_bh.to(tl.int64) * T + rows, mask=sel, other=0.0)
-                    if UPCAST:
-                        q = q.to(tl.float32)
-                        do = do.to(tl.float32)
-                    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
-                    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-                    p = tl.exp2(s - lse[:, None])
-                    p = tl.where(sel[:, None] & lat_ok[None, :], p, 0.0)  # unselected rows contribute exactly 0
-                    dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
-                    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-                    ds = p * (dp - delta[:, None])
-                    dq = tl.dot(ds.to(k.dtype), k, input_precision=PREC) * sm_scale
-                    tl.store(dq_base + rows[:, None] * sdq_t + dim[None, :] * sdq_d, dq.to(DQ.dtype.element_ty),
-                             mask=rmask)
-                    dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+                # Only the selected rows are read: other rows belong to other programs (or to nobody).
+                rmask = sel[:, None] & dim_ok[None, :]
+                q = tl.load(q_base + rows[:, None] * sq_t + dim[None, :] * sq_d, mask=rmask, other=0.0)
+                do = tl.load(do_base + rows[:, None] * sdo_t + dim[None, :] * sdo_d, mask=rmask, other=0.0)
+                o = tl.load(o_base + rows[:, None] * so_t + dim[None, :] * so_d, mask=rmask, other=0.0)
+                lse = tl.load(LSE + pid_bh.to(tl.int64) * T + rows, mask=sel, other=0.0)
+                if UPCAST:
+                    q = q.to(tl.float32)
+                    do = do.to(tl.float32)
+                delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+                s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+                p = tl.exp2(s - lse[:, None])
+                p = tl.where(sel[:, None] & lat_ok[None, :], p, 0.0)  # unselected rows contribute exactly 0
+                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
+                dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+                ds = p * (dp - delta[:, None])
+                dq = tl.dot(ds.to(k.dtype), k, input_precision=PREC) * sm_scale
+                tl.store(dq_base + rows[:, None] * sdq_t + dim[None, :] * sdq_d, dq.to(DQ.dtype.element_ty),
+                         mask=rmask)
+                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
             dk = dk * sm_scale
             kv_off = lat[:, None] * sdk_l + dim[None, :] * sdk_d
             tl.store(DK + pid_s.to(tl.int64) * sdk_s + b.to(tl.int64) * sdk_b + h.to(tl.int64) * sdk_h

@@ -137,13 +137,17 @@ def test_no_latents_at_all(device):
     assert dk.shape == k.shape and dv.shape == v.shape
 
 
-def test_backward_split_into_chunks(device, monkeypatch):
-    """The GPU splits the query blocks into chunks when B*H*M is small; the summed partials must be the same."""
+@pytest.mark.parametrize("split", [3, 7])
+def test_backward_split_into_chunks(device, monkeypatch, split):
+    """The GPU splits the query blocks into chunks when B*H*M is small; the summed partials must be the same
+    (7 chunks for 129 rows leaves some chunks empty)."""
     B, H, T, d, M, L = 1, 1, 129, 16, 3, 13
     q, k, v, do, gen = inputs(B, H, T, d, M, L, device=device, seed=5)
-    tt = make_text_time(B, T, M, "packed", gen).to(device)
+    tt = make_text_time(B, T, M, "packed", gen)
+    tt[:, -3:] = M  # the last block has rows with media: a surplus chunk must not count them again
+    tt = tt.to(device)
     want = run(masked_media_attention_ref, q, k, v, tt, do)
-    monkeypatch.setattr(ma, "_choose_split", lambda *a: 3)
+    monkeypatch.setattr(ma, "_choose_split", lambda *a: split)
     got = run(ok.masked_media_attention, q, k, v, tt, do)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
