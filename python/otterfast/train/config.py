@@ -197,6 +197,8 @@ def _build(cls, doc: Any, path: str):
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"unknown key {where!r}{hint}; valid keys{' of ' + path if path else ''}: "
                               f"{', '.join(valid)}")
+        if cls is TrainConfig and k == "resume" and isinstance(v, bool):
+            v = "auto" if v else "off"  # YAML 1.1 reads a bare `off` / `on` as a boolean
         kwargs[k] = _coerce(v, hints[k], where)
     if cls is LoaderConfig:
         try:
