@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
@@ -25,10 +26,24 @@ def interpreting() -> bool:
     return _INTERPRET
 
 
+def quick_compile() -> bool:
+    """OTTERFAST_KERNELS_QUICK_COMPILE=1 (the GPU test run): one config per kernel instead of autotuning, and no
+    value specialisation of integer and pointer arguments, so that the many odd test shapes share one binary
+    per dtype and block shape instead of compiling dozens of variants. Results are the same; speed is not."""
+    return os.environ.get("OTTERFAST_KERNELS_QUICK_COMPILE", "0") == "1"
+
+
 def autotune_enabled() -> bool:
-    """Autotune on the GPU unless OTTERFAST_KERNELS_AUTOTUNE=0 (tests: one compile per shape class, not one per
-    config). The interpreter never autotunes (it cannot, and it would be slow)."""
-    return not _INTERPRET and os.environ.get("OTTERFAST_KERNELS_AUTOTUNE", "1") != "0"
+    """Autotune on the GPU over a small config list; never in the interpreter (it cannot, and would be slow)."""
+    return not _INTERPRET and not quick_compile()
+
+
+def kernel_jit(fn):
+    """triton.jit, without argument specialisation under quick_compile()."""
+    if quick_compile() and not _INTERPRET:
+        runtime = [name for name, p in inspect.signature(fn).parameters.items() if p.annotation is inspect.Parameter.empty]
+        return triton.jit(do_not_specialize=runtime, do_not_specialize_on_alignment=runtime)(fn)
+    return triton.jit(fn)
 
 
 def fused_available(device: torch.device | str | None = None) -> bool:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import HAS_TRITON, autotune_enabled, dot_precision, interpreting
+from ._common import HAS_TRITON, autotune_enabled, dot_precision, interpreting, kernel_jit
 
 if HAS_TRITON:
     import triton
@@ -50,7 +50,7 @@ def _configs():
 if HAS_TRITON:
 
     @triton.autotune(configs=_configs(), key=["R", "N", "K", "EPI"])
-    @triton.jit
+    @kernel_jit
     def _mm_kernel(A, B, X, C, TG, W, GP,
                    R, N, K,
                    sa_r, sa_k, sb_k, sb_n, sx_r, sx_n, sc_r, sc_n, sw_r, sw_n,

@@ -27,8 +27,8 @@ import math
 
 import torch
 
-from ._common import (HAS_TRITON, autotune_enabled, dot_precision, interpreting, next_pow2_at_least_16,
-                      num_sms)
+from ._common import (HAS_TRITON, autotune_enabled, dot_precision, interpreting, kernel_jit,
+                      next_pow2_at_least_16, num_sms)
 
 if HAS_TRITON:
     import triton
@@ -63,7 +63,7 @@ if HAS_TRITON:
 
     @triton.autotune(configs=_configs("fwd"), key=["T", "BLOCK_L", "BLOCK_D"],
                      prune_configs_by={"early_config_prune": _prune})
-    @triton.jit
+    @kernel_jit
     def _fwd_kernel(Q, K, V, TT, O, LSE,
                     sq_b, sq_h, sq_t, sq_d,
                     sk_b, sk_h, sk_m, sk_l, sk_d,
@@ -143,7 +143,7 @@ if HAS_TRITON:
 
     @triton.autotune(configs=_configs("bwd"), key=["T", "BLOCK_L", "BLOCK_D"],
                      prune_configs_by={"early_config_prune": _prune})
-    @triton.jit
+    @kernel_jit
     def _bwd_kernel(Q, K, V, TT, O, DO, LSE, DQ, DK, DV,
                     sq_b, sq_h, sq_t, sq_d,
                     sk_b, sk_h, sk_m, sk_l, sk_d,
