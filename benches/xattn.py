@@ -219,7 +219,7 @@ def run_op(op, s, dtype, device, ok, use_flex, cuda, hbm, log):
     else:
         x, a = rnd(B, T, D), rnd(B, T, H * d)
         w = rnd(D, H * d, scale=1 / math.sqrt(H * d))
-        g = torch.tensor([0.5], device=device, requires_grad=True)
+        g = torch.tensor([0.5], device=device, dtype=dtype, requires_grad=True)  # a model-dtype parameter
         inputs = (x, a, w, g)
         gm = gate_methods(ok)
         grad_out = torch.randn(B, T, D, generator=gen).to(device, dtype)
