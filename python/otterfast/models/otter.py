@@ -31,6 +31,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .flamingo import GatedCrossAttentionBlock, PerceiverResampler, text_time_from_ids
 from .lora import inject_lora, merge_lora_
+from .model_yaml import from_yaml_dict
 from .packing import additive_block_causal_mask
 
 
@@ -379,13 +380,7 @@ class OtterModelConfig:
 
     @classmethod
     def from_dict(cls, doc: dict, where: str = "model config") -> "OtterModelConfig":
-        valid = {f.name for f in fields(cls)}
-        unknown = sorted(set(doc) - valid)
-        if unknown:
-            raise ValueError(f"{where}: unknown key(s) {unknown}; valid: {sorted(valid)}")
-        cfg = cls(**doc)
-        if cfg.architecture != "otter":
-            raise ValueError(f"{where}: architecture {cfg.architecture!r} is not otter")
+        cfg = from_yaml_dict(cls, doc, where, "otter")
         known = set(OtterConfig.__annotations__)
         bad = sorted(set(cfg.otter) - known)
         if bad:

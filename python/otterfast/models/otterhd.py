@@ -11,11 +11,12 @@ token of every sample (an image token or BOS) is unlabelled.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 import yaml
 
+from .model_yaml import from_yaml_dict
 from .packing import block_causal_mask
 
 
@@ -42,13 +43,7 @@ class OtterHDConfig:
 
     @classmethod
     def from_dict(cls, doc: dict, where: str = "model config") -> "OtterHDConfig":
-        valid = {f.name for f in fields(cls)}
-        unknown = sorted(set(doc) - valid)
-        if unknown:
-            raise ValueError(f"{where}: unknown key(s) {unknown}; valid: {sorted(valid)}")
-        cfg = cls(**doc)
-        if cfg.architecture != "otterhd":
-            raise ValueError(f"{where}: architecture {cfg.architecture!r} is not otterhd")
+        cfg = from_yaml_dict(cls, doc, where, "otterhd")
         if cfg.train not in ("full", "lora"):
             raise ValueError(f"{where}: train must be 'full' or 'lora', got {cfg.train!r}")
         if cfg.attn_implementation not in ("auto", "sdpa", "flash_attention_2", "eager"):

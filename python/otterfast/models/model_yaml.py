@@ -1,0 +1,16 @@
+"""A model YAML's dataclass from a dict: unknown keys and the wrong architecture are errors naming the valid ones."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+
+def from_yaml_dict(cls, doc: dict, where: str, architecture: str):
+    valid = {f.name for f in fields(cls)}
+    unknown = sorted(set(doc) - valid)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; valid: {sorted(valid)}")
+    cfg = cls(**doc)
+    if cfg.architecture != architecture:
+        raise ValueError(f"{where}: architecture {cfg.architecture!r} is not {architecture}")
+    return cfg
