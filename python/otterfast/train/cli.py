@@ -38,7 +38,7 @@ def cmd_bench_train(a) -> int:
     from ..cli import _bench_script
 
     mod = runpy.run_path(_bench_script("train.py"))
-    argv = ["--steps", str(a.steps), "--rounds", str(a.rounds), "--json", a.json, "--model", a.model,
+    argv = ["--samples", str(a.samples), "--rounds", str(a.rounds), "--json", a.json, "--model", a.model,
             "--capacity", str(a.capacity), "--batch-size", str(a.batch_size)]
     if a.data:
         argv += ["--data", a.data]
@@ -67,7 +67,7 @@ def register(sub, bench_sub=None) -> None:
         x.add_argument("--model", default="auto", choices=["auto", "otter", "otterhd"],
                        help="tiny model (auto: Otter when configs/models/otter-tiny.yaml exists, else OtterHD)")
         x.add_argument("--data", default=None, help="a dataset YAML (default: the demo dataset, built in a temp dir)")
-        x.add_argument("--steps", type=int, default=12, help="optimizer steps measured per run (after 2 warm-up)")
+        x.add_argument("--samples", type=int, default=600, help="samples measured per run (after a first step)")
         x.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians reported)")
         x.add_argument("--capacity", type=int, default=2048, help="packed row length (native)")
         x.add_argument("--batch-size", type=int, default=8, help="Otter-style samples per batch")
