@@ -1,5 +1,6 @@
 """Training throughput and MFU on one GPU at a ~1B-parameter OtterHD (Fuyu/Persimmon) shape, bf16, through the
-trainer's own DeepSpeed engine (ZeRO-0, bf16 with fp32 master weights, torch fused AdamW, clipping 1.0).
+trainer's own DeepSpeed engine (ZeRO-0, bf16 with fp32 master weights, torch fused AdamW, clipping 1.0); where
+DeepSpeed is not installed (gpu_check.sh needs only torch), the same in plain torch (autocast bf16, fused AdamW).
 
     python benches/train_gpu.py [--steps 20] [--warmup 5] [--json benches/results/train_gpu.json]
 
@@ -65,27 +66,22 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--json", default=os.path.join(ROOT, "benches", "results", "train_gpu.json"))
+    ap.add_argument("--engine", default="auto", choices=["auto", "deepspeed", "torch"],
+                    help="auto: the trainer's DeepSpeed engine when deepspeed imports, else plain torch (autocast bf16)")
     ap.add_argument("--cpu-smoke", action="store_true", help="run fp32 on the CPU (a check of the script itself)")
     a = ap.parse_args(argv)
 
-    from otterfast.train.deepspeed_setup import device_for, init_distributed, setup_env
-
-    setup_env()
     import torch
 
     if not torch.cuda.is_available() and not a.cpu_smoke:
         print("train_gpu: no CUDA device; nothing measured", file=sys.stderr)
         return 0
-    device = device_for(0)
-    init_distributed(device)
-    from otterfast.models.build import flops_per_token
-    from otterfast.models.otterhd import OtterHDConfig, build_otterhd
-    from otterfast.train.config import load_config
-    from otterfast.train.deepspeed_setup import ds_config, make_engine
-    from otterfast.train.loop import _loss_module
-    from otterfast.train.metrics import peak_tflops
-    from otterfast.train.optim import make_scheduler, param_groups
+    from otterfast.models.otterhd import OtterHDConfig, build_otterhd, flops_per_token
 
+    import importlib.util
+
+    # A bare GPU box (gpu_check.sh needs only torch) may lack DeepSpeed: then the same math in plain torch.
+    engine_kind = a.engine if a.engine != "auto" else ("deepspeed" if importlib.util.find_spec("deepspeed") else "torch")
     torch.manual_seed(0)
     mcfg = OtterHDConfig(text_config={"hidden_size": a.hidden, "num_hidden_layers": a.layers,
                                       "num_attention_heads": a.heads, "intermediate_size": 4 * a.hidden,
@@ -94,12 +90,40 @@ def main(argv=None) -> int:
     model = build_otterhd(mcfg, vocab_size=a.vocab, image_token_id=5).train()
     n_params = sum(p.numel() for p in model.parameters())
     f_tok = float(flops_per_token(model, a.sample_len))
-    cfg = load_config({"max_steps": a.steps + a.warmup, "model": {"config": "unused"}, "data": {"index": "unused"},
-                       "precision": "fp32" if a.cpu_smoke else "bf16", "optim": {"lr": 1e-4}})
-    groups, _ = param_groups(model, cfg.optim.weight_decay)
-    ds = ds_config(cfg, cfg.precision, a.rows, 1)
-    engine = make_engine(_loss_module(model), groups, cfg, ds,
-                         lambda opt: make_scheduler(opt, a.steps + a.warmup, 0, "constant", 0.0), device)
+    precision = "fp32" if a.cpu_smoke else "bf16"
+    if engine_kind == "deepspeed":
+        from otterfast.train.config import load_config
+        from otterfast.train.deepspeed_setup import device_for, ds_config, init_distributed, make_engine, setup_env
+        from otterfast.train.loop import _loss_module
+        from otterfast.train.optim import make_scheduler, param_groups
+
+        setup_env()
+        device = device_for(0)
+        init_distributed(device)
+        cfg = load_config({"max_steps": a.steps + a.warmup, "model": {"config": "unused"},
+                           "data": {"index": "unused"}, "precision": precision, "optim": {"lr": 1e-4}})
+        groups, _ = param_groups(model, cfg.optim.weight_decay)
+        engine = make_engine(_loss_module(model), groups, cfg, ds_config(cfg, precision, a.rows, 1),
+                             lambda opt: make_scheduler(opt, a.steps + a.warmup, 0, "constant", 0.0), device)
+
+        def train_step(batch, n_lab):
+            loss = engine(batch)
+            engine.backward(loss / n_lab, scale_wrt_gas=False)
+            engine.step()
+    else:
+        from otterfast.models.build import batch_loss
+
+        device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        model.to(device)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+
+        def train_step(batch, n_lab):  # fp32 master weights, bf16 matmuls: what DeepSpeed's bf16 does
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                loss_sum, _ = batch_loss(model, batch)
+            (loss_sum / n_lab).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
     batch = synthetic_batch(a.rows, a.seq, a.sample_len, a.patches, a.vocab, 5, device)
     n_lab = float((batch["labels"][:, 1:] != -100).sum())
     tokens = int(batch["attention_mask"].sum())
@@ -108,18 +132,18 @@ def main(argv=None) -> int:
     for i in range(a.warmup + a.steps):
         sync()
         t = time.perf_counter()
-        loss = engine(batch)
-        engine.backward(loss / n_lab, scale_wrt_gas=False)
-        engine.step()
+        train_step(batch, n_lab)
         sync()
         if i >= a.warmup:
             times.append(time.perf_counter() - t)
     times.sort()
     med = times[len(times) // 2]
     tps = tokens / med
+    from otterfast.train.metrics import peak_tflops
+
     peak = peak_tflops(device, None)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    res = {"gpu": name, "peak_tflops_bf16": peak, "params": n_params, "hidden": a.hidden, "layers": a.layers,
+    res = {"gpu": name, "engine": engine_kind, "peak_tflops_bf16": peak, "params": n_params, "hidden": a.hidden, "layers": a.layers,
            "seq": a.seq, "rows": a.rows, "sample_len": a.sample_len, "tokens_per_step": tokens,
            "step_s_median": med, "tokens_per_s": tps, "flops_per_token": f_tok,
            "achieved_tflops": f_tok * tps / 1e12, "mfu": (f_tok * tps / (peak * 1e12)) if peak else None,
@@ -133,7 +157,8 @@ def main(argv=None) -> int:
         json.dump(res, f, indent=1)
     import torch.distributed as dist
 
-    dist.destroy_process_group()
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return 0
 
 
