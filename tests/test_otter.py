@@ -336,3 +336,18 @@ def test_new_otter_from_pretrained_parts(tmp_path):
         torch.testing.assert_close(model.encode_frames(vx[0, 0]), clip(pixel_values=vx[0, 0]).last_hidden_state[:, 1:])
     with pytest.raises(FileNotFoundError, match="local copy"):
         build_model(load_model_config({"architecture": "otter", "lang_encoder": str(tmp_path / "nope")}), {})
+
+
+def test_attention_implementations_agree_on_packed_rows(demo_index):
+    idx = PreparedIndex(demo_index)
+    doc = load_model_config(os.path.join(ROOT, "configs/models/otter-tiny.yaml"))
+    batch = as_torch(next(iter(NativeLoader(idx, batch_size=2, pack=True, capacity=1024, seed=5))))
+    out = {}
+    for impl in ("sdpa", "eager"):
+        doc.attn_implementation = impl
+        torch.manual_seed(0)
+        model = build_model(doc, idx.tok).eval()
+        assert model.lang_encoder.config._attn_implementation == impl
+        with torch.no_grad():
+            out[impl] = otter_forward(model, batch).logits
+    torch.testing.assert_close(out["eager"], out["sdpa"], atol=3e-5, rtol=1e-4)

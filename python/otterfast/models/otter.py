@@ -281,7 +281,11 @@ class OtterForConditionalGeneration(OtterPreTrainedModel, GenerationMixin):
         if vision_x is not None:
             media = self.encode_vision_x(vision_x)
         if segment_ids is not None and (attention_mask is None or attention_mask.dim() == 2):
-            attention_mask = additive_block_causal_mask(segment_ids, self.lang_encoder.dtype)
+            if _uses_flash(self.lang_encoder) and position_ids is not None:
+                # flash-attn varlen: transformers reads the samples' boundaries from the restarting position_ids
+                attention_mask = None
+            else:
+                attention_mask = additive_block_causal_mask(segment_ids, self.lang_encoder.dtype)
         lm_kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=use_cache,
                          **kwargs)
         if cache is not None:
@@ -372,6 +376,10 @@ class OtterModelConfig:
     vision_encoder: str | None = None
     otter: dict = field(default_factory=dict)
     dtype: str = "float32"
+    # the LM's self-attention: "sdpa" (block-diagonal mask on packed rows), "flash_attention_2" (varlen; needs
+    # flash-attn, CUDA and an LM transformers runs with it, e.g. LLaMA), "eager", or "auto": flash-attn when it
+    # imports, CUDA is present and the LM supports it, else the LM's default
+    attn_implementation: str = "auto"
 
     @classmethod
     def load(cls, path: str) -> "OtterModelConfig":
@@ -417,6 +425,7 @@ def build_otter(cfg: OtterModelConfig, tok: dict) -> OtterForConditionalGenerati
             load_lm_weights(model, lm.state_dict())
         if clip is not None:
             model.vision_encoder.load_state_dict(clip.state_dict())
+    _set_attn_implementation(model.lang_encoder, cfg.attn_implementation)
     if model.config.media_token_id is None:
         model.config.media_token_id = tok["media_id"]
     if model.config.eoc_token_id is None:
@@ -425,6 +434,20 @@ def build_otter(cfg: OtterModelConfig, tok: dict) -> OtterForConditionalGenerati
         model.lang_encoder.resize_token_embeddings(tok["vocab_size"])
         model.set_trainable()
     return model
+
+
+def _uses_flash(lm: nn.Module) -> bool:
+    return str(getattr(lm.config, "_attn_implementation", "")).startswith("flash")
+
+
+def _set_attn_implementation(lm: nn.Module, requested: str) -> None:
+    from .otterhd import attn_implementation
+
+    if requested == "auto":
+        if attn_implementation("auto") != "flash_attention_2" or not getattr(lm, "_supports_flash_attn", False):
+            return  # keep the LM's default
+        requested = "flash_attention_2"
+    lm.set_attn_implementation(requested)
 
 
 def _local_dir(path: str) -> str:
