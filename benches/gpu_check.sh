@@ -3,9 +3,10 @@
 #   1. the kernel tests on the GPU: fp32 (IEEE, against the eager reference), fp16 and bf16, compiled Triton,
 #      and the model's block test (fused == eager)
 #   2. benches/xattn.py: Otter-MPT7B shapes and a sweep over T and M (bf16), fused vs eager vs SDPA vs flex
+#   3. benches/train_gpu.py: a short training run at a ~1B-parameter OtterHD shape, tokens/s and MFU (< 150 s)
 # Needs only python with torch, triton and pytest (no otterfast build, no .venv): kernels/ goes on PYTHONPATH.
 #
-#   benches/gpu_check.sh OUTDIR      writes OUTDIR/{env.txt, pytest*.log, junit-*.xml, xattn.log, xattn.csv, xattn.md}
+#   benches/gpu_check.sh OUTDIR      writes OUTDIR/{env.txt, pytest*.log, junit-*.xml, xattn.*, train_gpu.*}
 set -uo pipefail
 OUT="${1:?usage: benches/gpu_check.sh OUTDIR}"
 cd "$(dirname "$0")/.."
@@ -46,9 +47,15 @@ echo "pytest exit codes: attention $RC1, rest $RC2 (after $(( $(date +%s) - T0 )
 
 # 2. benchmark. It writes its CSV/markdown after every shape, so a timeout still leaves the finished ones.
 echo "== benchmark"
-LEFT=$(( 460 - ($(date +%s) - T0) ))
+LEFT=$(( 330 - ($(date +%s) - T0) ))
 BUDGET=$(( LEFT > 120 ? LEFT - 90 : 30 ))
 timeout "$LEFT" "$PY" benches/xattn.py --out "$OUT" --budget-s "$BUDGET" 2>&1 | tee "$OUT/xattn.log"
 BENCH_RC=${PIPESTATUS[0]}
 echo "benchmark exit code: $BENCH_RC; total $(( $(date +%s) - T0 )) s" | tee -a "$OUT/xattn.log"
-[ "$TEST_RC" = 0 ] && [ "$BENCH_RC" = 0 ]
+
+# 3. training throughput and MFU (needs transformers; DeepSpeed when installed, else plain torch)
+echo "== training benchmark"
+timeout 150 "$PY" benches/train_gpu.py --json "$OUT/train_gpu.json" 2>&1 | tee "$OUT/train_gpu.log"
+TRAIN_RC=${PIPESTATUS[0]}
+echo "training benchmark exit code: $TRAIN_RC; total $(( $(date +%s) - T0 )) s" | tee -a "$OUT/train_gpu.log"
+[ "$TEST_RC" = 0 ] && [ "$BENCH_RC" = 0 ] && [ "$TRAIN_RC" = 0 ]
