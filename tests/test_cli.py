@@ -66,3 +66,13 @@ def test_data_error_exit_code(tmp_path, capsys):
     (tmp_path / "bad.yaml").write_text("WHATEVER:\n  x: {}\n")
     assert main(["data", "validate", str(tmp_path / "bad.yaml")]) == 2
     assert "unknown group" in capsys.readouterr().err
+
+
+def test_deepspeed_launchers_local_rank_argument_is_accepted(monkeypatch, capsys):
+    from otterfast.cli import main
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    with pytest.raises(SystemExit) as e:
+        main(["--local_rank=1", "train", "--help"])
+    assert e.value.code == 0 and "CONFIG" in capsys.readouterr().out.upper()
+    assert os.environ["LOCAL_RANK"] == "1"

@@ -118,3 +118,41 @@ def test_generate_cli_json(otter_dir, tmp_path, capsys):
                  "--num-beams", "1", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["prompt"] == "<image>User:What is it? GPT:<answer>" and isinstance(out["reply"], str)
+
+
+def test_train_export_then_generate_with_lora(tmp_path, demo_index):
+    """otterfast train (LoRA on the LM, 2 steps) -> export with adapters folded in -> otterfast generate."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    with open(os.path.join(ROOT, "configs/models/otter-tiny.yaml")) as f:
+        doc = yaml.safe_load(f)
+    doc["otter"]["lora_config"] = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0}
+    model_yaml = tmp_path / "otter-lora.yaml"
+    model_yaml.write_text(yaml.safe_dump(doc))
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    cmd = [sys.executable, "-m", "otterfast.cli", "train", "configs/train/demo-otter.yaml",
+           "--set", f"model.config={model_yaml}", "--set", "data.yaml=null", "--set", f"data.index={demo_index}",
+           "--set", f"output_dir={out}", "--set", "max_steps=2", "--set", "save_every=0",
+           "--set", "data.loader.capacity=512", "--set", "logging.progress=false"]
+    p = subprocess.run(cmd, cwd=ROOT, env={**env, "DS_ACCELERATOR": "cpu"}, capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    export_dir = str(out / "export")
+    with open(os.path.join(export_dir, "otterfast.json")) as f:
+        assert json.load(f) == {"format": "simple", "lora_merged": True}
+    from safetensors import safe_open
+
+    files = [f for f in os.listdir(export_dir) if f.endswith(".safetensors")]
+    keys = set()
+    for name in files:
+        with safe_open(os.path.join(export_dir, name), "pt") as f:
+            keys |= set(f.keys())
+    assert not any("lora" in k or "base_layer" in k for k in keys)
+    assert "lang_encoder.model.layers.0.decoder_layer.self_attn.q_proj.weight" in keys
+    g = Generator(export_dir)
+    assert g.template == "simple" and g.model.config.lora_config is None
+    assert isinstance(g.generate("What is it?", [photo(7)], max_new_tokens=3, num_beams=1), str)

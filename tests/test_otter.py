@@ -180,11 +180,18 @@ def test_lora_trains_adapters_and_merges_back_to_otter_keys(tmp_path):
                 p.normal_(0, 0.1)
     ids = torch.tensor([[1, IMG, 5, 6, 7]])
     vx = torch.randn(1, 1, 1, 3, 64, 64)
+    from otterfast.models.lora import merged_state_dict
+
+    offline = merged_state_dict(model.state_dict(), model)  # the export's path: on a gathered state dict
     with torch.no_grad():
         before = model(ids, vision_x=vx).logits
         model.merge_lora()
         after = model(ids, vision_x=vx).logits
     torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-4)
+    live = model.state_dict()
+    assert set(offline) == set(live)
+    for k, v in live.items():
+        torch.testing.assert_close(offline[k], v, atol=1e-6, rtol=1e-6)
     keys = set(model.state_dict())
     assert "lang_encoder.model.layers.0.decoder_layer.self_attn.q_proj.weight" in keys
     assert not any("lora" in k or "base_layer" in k for k in keys)

@@ -300,6 +300,18 @@ def main(argv: list[str] | None = None) -> int:
     from .data.defects import DataError
 
     argv = sys.argv[1:] if argv is None else argv
+    # The `deepspeed` launcher puts --local_rank=N before the sub-command; the rank also comes as LOCAL_RANK.
+    rest = []
+    for i, a in enumerate(argv):
+        if a.startswith("--local_rank=") or a.startswith("--local-rank="):
+            os.environ.setdefault("LOCAL_RANK", a.split("=", 1)[1])
+        elif a in ("--local_rank", "--local-rank") and i + 1 < len(argv):
+            os.environ.setdefault("LOCAL_RANK", argv[i + 1])
+        elif i > 0 and argv[i - 1] in ("--local_rank", "--local-rank"):
+            continue
+        else:
+            rest.append(a)
+    argv = rest
     if argv[:2] == ["bench", "loader"]:  # everything after goes to benches/loader.py, --help included
         return cmd_bench_loader(argparse.Namespace(args=argv[2:]))
     args = build_parser().parse_args(argv)

@@ -40,3 +40,30 @@ def merge_lora_(model: nn.Module) -> None:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, mod.get_base_layer())
+
+
+def merged_state_dict(state: dict, model: nn.Module) -> dict:
+    """A state dict of `model` (with LoRA layers) -> the same weights with every adapter folded in, plain keys.
+
+    Works on a gathered (e.g. ZeRO-3 consolidated) state dict, without touching the live model:
+    `X.base_layer.weight + scaling * X.lora_B.<a>.weight @ X.lora_A.<a>.weight` -> `X.weight`.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    out = dict(state)
+    prefix_of = {id(m): n for n, m in model.named_modules()}
+    for mod in model.modules():
+        if not isinstance(mod, LoraLayer):
+            continue
+        name = prefix_of[id(mod)]
+        base = f"{name}.base_layer.weight"
+        w = out.pop(base).float()
+        for adapter, scale in mod.scaling.items():
+            a = out.pop(f"{name}.lora_A.{adapter}.weight").float()
+            b = out.pop(f"{name}.lora_B.{adapter}.weight").float()
+            w = w + scale * (b @ a)
+        out[f"{name}.weight"] = w.to(state[base].dtype)
+        bias = out.pop(f"{name}.base_layer.bias", None)
+        if bias is not None:
+            out[f"{name}.bias"] = bias
+    return out

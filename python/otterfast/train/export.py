@@ -15,8 +15,16 @@ import shutil
 
 
 def export(engine, model, output_dir: str, index_dir: str, rank: int, prefix: str = "model.") -> str | None:
-    """Collective. `model` is the transformers model inside the engine's module, under attribute `prefix`."""
+    """Collective. `model` is the transformers model inside the engine's module, under attribute `prefix`.
+
+    LoRA adapters are folded into the weights (the export has the base model's keys and loads without peft), and
+    `otterfast.json` records the prompt format of the data, which `otterfast generate` uses as its template.
+    """
+    import json
+
     import torch.distributed as dist
+
+    from ..models.lora import merged_state_dict
 
     if engine.zero_optimization_stage() == 3:
         sd = engine._zero3_consolidated_16bit_state_dict()
@@ -25,9 +33,23 @@ def export(engine, model, output_dir: str, index_dir: str, rank: int, prefix: st
     out = os.path.join(output_dir, "export")
     if rank == 0:
         sd = {k[len(prefix):]: v.detach().cpu() for k, v in sd.items() if k.startswith(prefix)}
+        lora = any(".lora_A." in k for k in sd)
+        if lora:
+            sd = merged_state_dict(sd, model)
         tmp = out + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, state_dict=sd)
+        saved_lora = getattr(model.config, "lora_config", None)
+        if lora and saved_lora is not None:
+            model.config.lora_config = None  # the export's weights are merged: loading must not add adapters
+        try:
+            model.save_pretrained(tmp, state_dict=sd)
+        finally:
+            if saved_lora is not None:
+                model.config.lora_config = saved_lora
+        with open(os.path.join(index_dir, "meta.json")) as f:
+            fmt = json.load(f).get("tokenizer", {}).get("format")
+        with open(os.path.join(tmp, "otterfast.json"), "w") as f:
+            json.dump({"format": fmt, "lora_merged": lora}, f)
         tok = os.path.join(index_dir, "tokenizer")
         if os.path.isdir(tok):
             for name in os.listdir(tok):
