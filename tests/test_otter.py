@@ -226,9 +226,9 @@ def test_packed_forward_equals_per_sample_forward(demo_index, text):
     idx = PreparedIndex(demo_index)
     model = otter_for_index(idx, text)
     loader = NativeLoader(idx, batch_size=2, pack=True, capacity=1024, seed=3)
-    batch = as_torch(next(iter(loader)))
-    assert (batch["segment_ids"].max(dim=1).values >= 1).any()  # several samples share a row
-    assert len(batch["media_row"]) > 0
+    # a batch where several samples share a row and there are media (a few demo samples are text-only)
+    batch = next(b for b in map(as_torch, loader)
+                 if (b["segment_ids"].max(dim=1).values >= 1).any() and len(b["media_row"]) >= 2)
     with torch.no_grad():
         logits = otter_forward(model, batch).logits
     # per sample, in Otter's own layout: vision_x (1, T_img, F, 3, H, W)
@@ -358,3 +358,39 @@ def test_attention_implementations_agree_on_packed_rows(demo_index):
         with torch.no_grad():
             out[impl] = otter_forward(model, batch).logits
     torch.testing.assert_close(out["eager"], out["sdpa"], atol=3e-5, rtol=1e-4)
+
+
+def test_media_with_different_frame_counts_in_one_perceiver_call():
+    model = tiny(LLAMA, max_num_frames=4)
+    calls = []
+    model.perceiver.register_forward_hook(lambda *a: calls.append(1))
+    frames = torch.randn(1 + 3 + 2, 3, 64, 64)
+    counts = torch.tensor([1, 3, 2])
+    with torch.no_grad():
+        got = model.encode_media(frames, counts)
+        assert len(calls) == 1  # one call whatever the mix (ZeRO-3 needs the same calls on every rank)
+        starts = [0, 1, 4]
+        for m, (s0, f) in enumerate(zip(starts, counts.tolist())):
+            want = model.encode_vision_x(frames[s0:s0 + f][None, None])[0, 0]
+            torch.testing.assert_close(got[m], want, atol=2e-5, rtol=1e-4)
+
+
+def test_batch_without_media_runs_every_module_and_changes_nothing(demo_index):
+    from otterfast.models.otter import otter_inputs
+
+    idx = PreparedIndex(demo_index)
+    model = build_model(load_model_config(os.path.join(ROOT, "configs/models/otter-tiny.yaml")), idx.tok).train()
+    batch = next(b for b in map(as_torch, NativeLoader(idx, batch_size=1, pack=True, capacity=1024, seed=0))
+                 if len(b["media_row"]) > 0)
+    keep = batch["media_pos"].min()  # cut the row before its first image: text only
+    batch = {**batch, "input_ids": batch["input_ids"][:, :keep], "labels": batch["labels"][:, :keep],
+             "position_ids": batch["position_ids"][:, :keep], "segment_ids": batch["segment_ids"][:, :keep],
+             "pixel_values": batch["pixel_values"][:0], "media_frames": batch["media_frames"][:0],
+             "media_row": batch["media_row"][:0], "media_pos": batch["media_pos"][:0]}
+    loss, n = batch_loss(model, batch)
+    (loss / max(n, 1)).backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    with torch.no_grad():
+        plain = model(batch["input_ids"], position_ids=batch["position_ids"], segment_ids=batch["segment_ids"]).logits
+        blank = model(**otter_inputs(model, batch)).logits
+    torch.testing.assert_close(blank, plain, rtol=0, atol=0)

@@ -148,3 +148,19 @@ def yaml_load(path):
 
     with open(path) as f:
         return yaml.safe_load(f)
+
+
+def test_batch_without_images_still_calls_the_patch_projection(demo_index_fuyu):
+    """ZeRO-3 needs every rank to call every module: a text-only batch runs the projection on a blank patch."""
+    from otterfast.models.build import batch_loss
+
+    idx = PreparedIndex(demo_index_fuyu)
+    model = tiny_fuyu(idx.tok["vocab_size"], idx.tok["fuyu_placeholder_id"]).train()
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    batch = {"input_ids": ids, "labels": ids.clone(), "position_ids": torch.arange(6)[None],
+             "segment_ids": torch.zeros(1, 6, dtype=torch.int32), "image_patches": torch.zeros(0, 2700),
+             "image_patches_indices": torch.full((1, 6), -1)}
+    loss, n = batch_loss(model, batch)
+    loss.backward()
+    assert model.model.vision_embed_tokens.weight.grad is not None
+    assert float(model.model.vision_embed_tokens.weight.grad.abs().sum()) == 0.0

@@ -27,7 +27,7 @@ import numpy as np
 from torch.utils.data import IterableDataset
 
 from .. import _native
-from .batching import LoaderConfig
+from .batching import LoaderConfig, shuffle_batches
 from .defects import DataError
 from .index import PreparedIndex
 
@@ -138,7 +138,7 @@ class NativeLoader(IterableDataset):
         batches, self.dropped_batches = _native.plan_batches(
             self.index.num_tokens().astype(np.uint32).tolist(), order, c.batch_size, c.pack, self.capacity,
             c.window, c.rank, c.world_size, c.even_batches)
-        return batches
+        return shuffle_batches(batches, c.seed, self.epoch, c.rank) if c.shuffle_batches else batches
 
     def __len__(self) -> int:
         return len(self.plan())

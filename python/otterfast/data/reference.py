@@ -28,7 +28,7 @@ from typing import Iterator
 import numpy as np
 
 from . import images as imgs
-from .batching import LoaderConfig, plan_batches, shard_batches
+from .batching import LoaderConfig, plan_batches, shard_batches, shuffle_batches
 from .defects import DataError
 from .index import PreparedIndex, Sample
 from .sources import BlobReader
@@ -57,7 +57,7 @@ class ReferenceLoader:
         order = self.index.epoch_order(c.seed, self.epoch)
         batches = plan_batches(self.index.num_tokens().tolist(), order, c.batch_size, c.pack, self.capacity, c.window)
         mine, self.dropped_batches = shard_batches(batches, c.rank, c.world_size, c.even_batches)
-        return mine
+        return shuffle_batches(mine, c.seed, self.epoch, c.rank) if c.shuffle_batches else mine
 
     def __len__(self) -> int:
         return len(self.plan())

@@ -67,6 +67,11 @@ def batch_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
     labels = batch["labels"][:, 1:]
     n = int((labels != -100).sum())
     loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
+    if "image_patches" in batch and batch["image_patches"].shape[0] == 0:
+        # A batch without images skips Fuyu's patch projection; under ZeRO-3 every rank must call every module
+        # (each call gathers its shards collectively), so call it on one blank patch, with no effect on the loss.
+        proj = model.get_submodule("model.vision_embed_tokens")
+        loss = loss + 0.0 * proj(logits.new_zeros(1, proj.in_features, dtype=proj.weight.dtype)).sum()
     return loss, n
 
 

@@ -36,8 +36,8 @@ class PerceiverBlock(nn.Module):
         self.to_out = nn.Linear(inner, dim, bias=False)
         self.feed_forward = feed_forward(dim, ff_mult)
 
-    def forward(self, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-        # x: (B, T, N, D) media tokens; latents: (B, T, L, D)
+    def forward(self, x: torch.Tensor, latents: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        # x: (B, T, N, D) media tokens; latents: (B, T, L, D); token_mask: (B, T, N) False on padding frames
         xn, ln = self.norm_media(x), self.norm_latents(latents)
         q = self.to_q(ln)
         k, v = self.to_kv(torch.cat([xn, ln], dim=-2)).chunk(2, dim=-1)
@@ -46,7 +46,11 @@ class PerceiverBlock(nn.Module):
         def heads(t):  # (B, T, n, H*d) -> (B, T, H, n, d)
             return t.view(B, T, t.shape[2], self.heads, self.dim_head).transpose(2, 3)
 
-        attn = torch.nn.functional.scaled_dot_product_attention(heads(q), heads(k), heads(v))
+        mask = None
+        if token_mask is not None:  # keys: [media tokens (masked on padding frames); latents (always)]
+            keep = torch.ones(*token_mask.shape[:2], ln.shape[2], dtype=torch.bool, device=x.device)
+            mask = torch.cat([token_mask, keep], dim=-1)[:, :, None, None, :]
+        attn = torch.nn.functional.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=mask)
         out = attn.transpose(2, 3).reshape(B, T, -1, self.heads * self.dim_head)
         latents = self.to_out(out) + latents
         return self.feed_forward(latents) + latents
@@ -63,14 +67,16 @@ class PerceiverResampler(nn.Module):
         self.layers = nn.ModuleList([PerceiverBlock(dim, dim_head, heads, ff_mult) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`frame_mask` (B, T, F): False on padding frames (media with fewer frames than F), which are ignored."""
         B, T, F, N, D = x.shape
         if self.frame_embs is not None:
             x = x + self.frame_embs[:F][None, None, :, None, :]
         x = x.reshape(B, T, F * N, D)
+        token_mask = None if frame_mask is None else frame_mask.repeat_interleave(N, dim=-1)
         latents = self.latents.expand(B, T, *self.latents.shape)
         for block in self.layers:
-            latents = block(x, latents)
+            latents = block(x, latents, token_mask)
         return self.norm(latents)
 
 

@@ -252,21 +252,24 @@ class OtterForConditionalGeneration(OtterPreTrainedModel, GenerationMixin):
     def encode_media(self, pixel_values: torch.Tensor, media_frames: torch.Tensor) -> torch.Tensor:
         """otterfast's flat layout: frames (N, 3, H, W) of media with `media_frames` frames each -> (n_media, L, D).
 
-        One CLIP pass over every frame (no padding frames); the perceiver runs once per distinct frame count.
+        One CLIP pass over every frame (no padding frames) and one perceiver pass, media with fewer frames than
+        the most padded and masked out. Exactly one call of each module per forward, whatever the batch holds:
+        under ZeRO-3 every rank must run the same modules the same number of times (each call gathers their
+        shards collectively), so a batch without media also runs them, on one blank frame (see otter_inputs).
         """
         n = media_frames.numel()
-        L, D = self.perceiver.latents.shape
         if n == 0:
-            return self.perceiver.latents.new_zeros(0, L, D)
+            raise ValueError("encode_media needs at least one media (otter_inputs adds a blank one)")
         feats = self.encode_frames(pixel_values)  # (N, P, Dv)
-        out = feats.new_zeros(n, L, D)
+        F = int(media_frames.max())
+        if bool((media_frames == F).all()):
+            return self.perceiver(feats.view(n, 1, F, *feats.shape[1:]))[:, 0]
         starts = torch.cumsum(media_frames, 0) - media_frames
-        for f in media_frames.unique().tolist():
-            which = (media_frames == f).nonzero().flatten()
-            idx = (starts[which][:, None] + torch.arange(f, device=starts.device)[None]).flatten()
-            x = feats[idx].view(len(which), 1, f, *feats.shape[1:])
-            out = out.index_copy(0, which, self.perceiver(x)[:, 0].to(out.dtype))
-        return out
+        j = torch.arange(F, device=feats.device)
+        real = j[None] < media_frames[:, None]  # (n, F)
+        idx = torch.where(real, starts[:, None] + j[None], torch.zeros_like(real, dtype=torch.long))
+        x = feats[idx] * real[:, :, None, None].to(feats.dtype)  # (n, F, P, Dv), padding frames zero
+        return self.perceiver(x[:, None], frame_mask=real[:, None])[:, 0]
 
     # ------------------------------------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, vision_x: torch.Tensor | None = None, media: torch.Tensor | None = None,
@@ -504,8 +507,17 @@ def dense_latents(latents: torch.Tensor, media_row: torch.Tensor, batch_size: in
 def otter_inputs(model: OtterForConditionalGeneration, batch: dict) -> dict:
     """A loader batch (torch tensors) -> forward() keyword arguments (media encoded here)."""
     B = batch["input_ids"].shape[0]
-    latents = model.encode_media(batch["pixel_values"], batch["media_frames"])
-    return {"input_ids": batch["input_ids"], "media": dense_latents(latents, batch["media_row"], B),
+    frames, counts, rows = batch["pixel_values"], batch["media_frames"], batch["media_row"]
+    if counts.numel() == 0:
+        # No media in the batch: encode one blank frame as a media no token names (its cross-attention output is
+        # exactly zero), so that every rank runs CLIP, the perceiver and the cross-attention projections
+        # (ZeRO-3 gathers each module's shards collectively: a rank skipping them would hang the others).
+        size = model.config.vision_config.image_size
+        frames = torch.zeros(1, 3, size, size, device=batch["input_ids"].device)
+        counts = torch.ones(1, dtype=torch.long, device=frames.device)
+        rows = torch.zeros(1, dtype=torch.long, device=frames.device)
+    latents = model.encode_media(frames, counts)
+    return {"input_ids": batch["input_ids"], "media": dense_latents(latents, rows, B),
             "position_ids": batch["position_ids"], "segment_ids": batch["segment_ids"]}
 
 
