@@ -38,9 +38,9 @@ class LoaderConfig:
     rank: int = 0
     world_size: int = 1
     even_batches: bool = True  # drop the last batches that do not fill a round of ranks
-    # Visit this rank's batches in a seeded random order (per seed, epoch, rank). Packing emits each window's rows
-    # longest samples first, so without it the loss swings with the position inside every window (seen in the
-    # demo as a spike at each epoch end).
+    # Visit the epoch's batches in a seeded random order (per seed and epoch), then deal them to ranks. Packing
+    # emits each window's rows longest samples first, so without it the loss swings with the position inside
+    # every window (seen in the demo as a spike at each epoch end).
     shuffle_batches: bool = True
     on_error: str = "raise"  # or "skip": leave out a sample whose image fails to decode, counted
     num_threads: int = 0  # native only: 0 = all cores
@@ -120,10 +120,11 @@ def shard_batches(batches: list, rank: int, world_size: int, even: bool = True) 
     return batches[rank:n:world_size], len(batches) - n
 
 
-def shuffle_batches(batches: list, seed: int, epoch: int, rank: int) -> list:
-    """This rank's batches in a random order of their own (seeded by seed, epoch and rank; both loaders)."""
+def shuffle_batches(batches: list, seed: int, epoch: int) -> list:
+    """The epoch's batches in a seeded random order (before rank sharding, so one process at grad_accum W sees
+    the same steps as W ranks)."""
     import random
 
     out = list(batches)
-    random.Random(f"otterfast/batches/{seed}/{epoch}/{rank}").shuffle(out)
+    random.Random(f"otterfast/batches/{seed}/{epoch}").shuffle(out)
     return out

@@ -27,7 +27,7 @@ import numpy as np
 from torch.utils.data import IterableDataset
 
 from .. import _native
-from .batching import LoaderConfig, shuffle_batches
+from .batching import LoaderConfig, shard_batches, shuffle_batches
 from .defects import DataError
 from .index import PreparedIndex
 
@@ -135,10 +135,15 @@ class NativeLoader(IterableDataset):
         """This rank's batches for the current epoch (rust/pack.rs; equal to batching.plan_batches)."""
         c = self.cfg
         order = self.index.epoch_order(c.seed, self.epoch)
-        batches, self.dropped_batches = _native.plan_batches(
-            self.index.num_tokens().astype(np.uint32).tolist(), order, c.batch_size, c.pack, self.capacity,
-            c.window, c.rank, c.world_size, c.even_batches)
-        return shuffle_batches(batches, c.seed, self.epoch, c.rank) if c.shuffle_batches else batches
+        lengths = self.index.num_tokens().astype(np.uint32).tolist()
+        if not c.shuffle_batches:
+            batches, self.dropped_batches = _native.plan_batches(
+                lengths, order, c.batch_size, c.pack, self.capacity, c.window, c.rank, c.world_size, c.even_batches)
+            return batches
+        everything, _ = _native.plan_batches(lengths, order, c.batch_size, c.pack, self.capacity, c.window, 0, 1, False)
+        mine, self.dropped_batches = shard_batches(shuffle_batches(everything, c.seed, self.epoch), c.rank,
+                                                   c.world_size, c.even_batches)
+        return mine
 
     def __len__(self) -> int:
         return len(self.plan())

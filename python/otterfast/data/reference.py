@@ -56,8 +56,10 @@ class ReferenceLoader:
         c = self.cfg
         order = self.index.epoch_order(c.seed, self.epoch)
         batches = plan_batches(self.index.num_tokens().tolist(), order, c.batch_size, c.pack, self.capacity, c.window)
+        if c.shuffle_batches:
+            batches = shuffle_batches(batches, c.seed, self.epoch)
         mine, self.dropped_batches = shard_batches(batches, c.rank, c.world_size, c.even_batches)
-        return shuffle_batches(mine, c.seed, self.epoch, c.rank) if c.shuffle_batches else mine
+        return mine
 
     def __len__(self) -> int:
         return len(self.plan())
