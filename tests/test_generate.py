@@ -143,7 +143,7 @@ def test_train_export_then_generate_with_lora(tmp_path, demo_index):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     export_dir = str(out / "export")
     with open(os.path.join(export_dir, "otterfast.json")) as f:
-        assert json.load(f) == {"format": "simple", "lora_merged": True}
+        assert json.load(f) == {"format": "simple", "lora_merged": True, "image_transform": "otter", "image_size": 224}
     from safetensors import safe_open
 
     files = [f for f in os.listdir(export_dir) if f.endswith(".safetensors")]

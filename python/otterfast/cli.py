@@ -238,7 +238,34 @@ def _demo_train(a, out: str) -> int:
         print(f"[demo] {m}: {len(rows)} steps in {time.perf_counter() - t0:.0f}s, loss {first:.2f} -> {last:.2f} "
               f"(mean of the first / last {k} steps), median {tps:.0f} tokens/s; curves {png}; "
               f"model {os.path.join(run_dir, 'export')}", flush=True)
+        _demo_ask(os.path.join(run_dir, "export"), os.path.join(out, f"index-{fmt[m]}"))
     return 0
+
+
+def _demo_ask(model_dir: str, index_dir: str) -> None:
+    """Ask the exported model (otterfast generate's Generator) about demo photos it was trained on."""
+    import re
+
+    from .data.index import PreparedIndex
+    from .data.reference import ReferenceLoader
+    from .generate import Generator
+
+    idx = PreparedIndex(index_dir)
+    images = ReferenceLoader(idx)
+    gen = Generator(model_dir)
+    tok = idx.tokenizer()
+    asked = 0
+    for i in range(len(idx)):
+        s = idx.sample(i)
+        q = re.search(r"User:(.*?) (?:GPT|Assistant):", s.text)
+        if s.group != "IMAGE_TEXT" or len(s.media_images) != 1 or len(s.media_images[0]) != 1 or not q:
+            continue
+        want = tok.decode(s.input_ids[slice(*s.label_spans[0])], skip_special_tokens=True).strip()
+        reply = gen.generate(q.group(1), [images.load_image(s.media_images[0][0])], max_new_tokens=24, num_beams=1)
+        print(f"[demo]   {gen.kind} asked {q.group(1)!r} about {s.sample_id}: {reply!r} (trained answer {want!r})")
+        asked += 1
+        if asked == 2:
+            break
 
 
 def build_parser() -> argparse.ArgumentParser:

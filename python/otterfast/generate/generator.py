@@ -46,7 +46,7 @@ def _find_tokenizer(path: str) -> str:
 
 class Generator:
     def __init__(self, path: str, tokenizer: str | None = None, device: str = "cpu", dtype: str | None = None,
-                 image_transform: str = "clip", template: str | None = None):
+                 image_transform: str | None = None, template: str | None = None):
         conf_path = os.path.join(path, "config.json")
         if not os.path.exists(conf_path):
             raise FileNotFoundError(f"{path}: not a model folder (no config.json)")
@@ -86,7 +86,8 @@ class Generator:
             default = "otter-image" if self.kind == "otter" else "otterhd"
         self.template = template or default
         self._check_template(self.template)
-        self.image_transform = imgs.IMAGE_TRANSFORMS[image_transform]
+        # pixels as in training: the transform otterfast trained with, else CLIP's (Otter's benchmarks)
+        self.image_transform = imgs.IMAGE_TRANSFORMS[image_transform or meta.get("image_transform", "clip")]
         self.name = f"{self.kind}:{os.path.basename(os.path.normpath(path))}"
 
     def _check_template(self, template: str) -> None:
@@ -115,7 +116,8 @@ class Generator:
                                  + (" (video: one media)" if video else " (one media per <image>)"))
             out = {"input_ids": torch.tensor([bos + ids])}
             if images:
-                px = torch.from_numpy(np.stack([self.image_transform(im) for im in images]))
+                size = self.model.config.vision_config.image_size
+                px = torch.from_numpy(np.stack([self.image_transform(im, size) for im in images]))
                 out["vision_x"] = px[None, None] if video else px[None, :, None]  # (1, T_img, F, 3, H, W)
             return {k: v.to(self.device) for k, v in out.items()}
         patch_ids, patches = [], []
@@ -205,7 +207,7 @@ def load_eval_model(spec: dict) -> Generator:
     if unknown:
         raise ValueError(f"model spec: unknown key(s) {unknown}; valid: {sorted(valid)}")
     g = Generator(spec["path"], tokenizer=spec.get("tokenizer"), device=spec.get("device", "cpu"),
-                  dtype=spec.get("dtype"), image_transform=spec.get("image_transform", "clip"),
+                  dtype=spec.get("dtype"), image_transform=spec.get("image_transform"),
                   template=spec.get("template"))
     if spec.get("kind") and spec["kind"] != g.kind:
         raise ValueError(f"model spec says kind {spec['kind']!r} but {spec['path']} holds an {g.kind} model")

@@ -14,11 +14,13 @@ import os
 import shutil
 
 
-def export(engine, model, output_dir: str, index_dir: str, rank: int, prefix: str = "model.") -> str | None:
+def export(engine, model, output_dir: str, index_dir: str, rank: int, prefix: str = "model.",
+           meta: dict | None = None) -> str | None:
     """Collective. `model` is the transformers model inside the engine's module, under attribute `prefix`.
 
     LoRA adapters are folded into the weights (the export has the base model's keys and loads without peft), and
-    `otterfast.json` records the prompt format of the data, which `otterfast generate` uses as its template.
+    `otterfast.json` records the prompt format of the data and `meta` (the loader's image transform), which
+    `otterfast generate` uses as its defaults.
     """
     import json
 
@@ -49,7 +51,7 @@ def export(engine, model, output_dir: str, index_dir: str, rank: int, prefix: st
         with open(os.path.join(index_dir, "meta.json")) as f:
             fmt = json.load(f).get("tokenizer", {}).get("format")
         with open(os.path.join(tmp, "otterfast.json"), "w") as f:
-            json.dump({"format": fmt, "lora_merged": lora}, f)
+            json.dump({"format": fmt, "lora_merged": lora, **(meta or {})}, f)
         tok = os.path.join(index_dir, "tokenizer")
         if os.path.isdir(tok):
             for name in os.listdir(tok):

@@ -335,7 +335,8 @@ def _train(cfg, rank: int, world: int, device) -> dict:
             save(step, loader.state_dict(), ck.rng_state())
         summary.update(step=step, total_steps=total, finished=step >= total)
         if step >= total and cfg.export:
-            path = export(engine, model, out, index_dir, rank)
+            path = export(engine, model, out, index_dir, rank,
+                          meta={"image_transform": lcfg.image_transform, "image_size": lcfg.image_size})
             say(f"export (transformers, safetensors) {path}")
             summary["export"] = os.path.join(out, "export")
     finally:
