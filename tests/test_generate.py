@@ -156,3 +156,33 @@ def test_train_export_then_generate_with_lora(tmp_path, demo_index):
     g = Generator(export_dir)
     assert g.template == "simple" and g.model.config.lora_config is None
     assert isinstance(g.generate("What is it?", [photo(7)], max_new_tokens=3, num_beams=1), str)
+    # ... and `otterfast eval run` on the trained export (POPE generative, SEED-Bench likelihood)
+    from otterfast.eval.runner import run_config
+    from otterfast.eval.synth import image_struct, png, write_parquet
+
+    img = image_struct(png((120, 80, 40), size=(40, 30)))
+    datasets = [
+        {"task": "pope", "data": write_parquet(str(tmp_path / "pope.parquet"), {
+            "question": ["Is there a dog in the image?"] * 2, "answer": ["yes", "no"], "image": [img] * 2})},
+        {"task": "seedbench", "data": write_parquet(str(tmp_path / "seed.parquet"), {
+            "question": ["What is it?"] * 2, "choice_a": ["cat"] * 2, "choice_b": ["dog"] * 2,
+            "choice_c": ["bird"] * 2, "choice_d": ["fish"] * 2, "answer": ["A", "B"], "image": [img] * 2})},
+    ]
+    results = run_config({"output": str(tmp_path / "eval"), "datasets": datasets,
+                          "models": [{"name": "trained", "kind": "otter", "path": export_dir,
+                                      "decode": {"max_new_tokens": 4, "num_beams": 1}}]}, progress=False)
+    assert [(r["task"], r["n"]) for r in results] == [("pope", 2), ("seedbench", 2)]
+    assert all(0.0 <= r["metrics"]["accuracy"] <= 1.0 for r in results)
+
+
+def test_generate_cli_streams_the_same_reply(otter_dir, tmp_path, capsys):
+    from otterfast.cli import main
+
+    path = str(tmp_path / "q.png")
+    photo(6).save(path)
+    args = ["generate", otter_dir, "--prompt", "What is it?", "--image", path, "--max-new-tokens", "5",
+            "--num-beams", "1"]
+    assert main(args) == 0
+    plain = capsys.readouterr().out.strip()
+    assert main(args + ["--stream"]) == 0
+    assert capsys.readouterr().out.strip() == plain
