@@ -394,3 +394,38 @@ def test_batch_without_media_runs_every_module_and_changes_nothing(demo_index):
         plain = model(batch["input_ids"], position_ids=batch["position_ids"], segment_ids=batch["segment_ids"]).logits
         blank = model(**otter_inputs(model, batch)).logits
     torch.testing.assert_close(blank, plain, rtol=0, atol=0)
+
+
+def test_flattened_rows_equal_separate_rows(demo_index):
+    """flash-attn's layout (rows joined, media counts continuing) gives the same logits as separate rows."""
+    idx = PreparedIndex(demo_index)
+    model = otter_for_index(idx, LLAMA)
+    batch = next(b for b in map(as_torch, NativeLoader(idx, batch_size=3, pack=True, capacity=512, seed=1))
+                 if b["input_ids"].shape[0] == 3 and len(b["media_row"]) >= 3)
+    with torch.no_grad():
+        rows = otter_forward(model, batch, flatten=False).logits
+        flat = otter_forward(model, batch, flatten=True).logits
+    torch.testing.assert_close(flat, rows, atol=3e-5, rtol=1e-4)
+
+
+def test_lora_on_a_pretrained_checkpoint_keeps_its_weights(tmp_path):
+    model = tiny(LLAMA)
+    model.save_pretrained(str(tmp_path))
+    cfg = load_model_config({"architecture": "otter", "checkpoint": str(tmp_path),
+                             "otter": {"lora_config": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0}}})
+    lora = build_model(cfg, {"vocab_size": 100, "media_id": IMG, "eoc_id": EOC})
+    sd = lora.state_dict()
+    q = "lang_encoder.model.layers.0.decoder_layer.self_attn.q_proj"
+    torch.testing.assert_close(sd[q + ".base_layer.weight"], model.state_dict()[q + ".weight"], rtol=0, atol=0)
+    assert any("lora_A" in n for n, p in lora.named_parameters() if p.requires_grad)
+    ids = torch.tensor([[1, IMG, 5, 6]])
+    vx = torch.randn(1, 1, 1, 3, 64, 64)
+    with torch.no_grad():  # LoRA B starts at zero: the adapted model is the checkpoint's
+        torch.testing.assert_close(lora.eval()(ids, vision_x=vx).logits, model(ids, vision_x=vx).logits)
+
+
+def test_packing_refuses_the_all_previous_media_variant():
+    model = tiny(LLAMA, only_attend_immediate_media=False)
+    with pytest.raises(ValueError, match="only_attend_immediate_media"):
+        model(torch.tensor([[1, IMG, 5, 1, 6]]), media=torch.zeros(1, 1, 5, 32),
+              segment_ids=torch.tensor([[0, 0, 0, 1, 1]]))

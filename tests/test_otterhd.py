@@ -165,3 +165,21 @@ def test_batch_without_images_still_calls_the_patch_projection(demo_index_fuyu):
     loss.backward()
     assert model.model.vision_embed_tokens.weight.grad is not None
     assert float(model.model.vision_embed_tokens.weight.grad.abs().sum()) == 0.0
+
+
+def test_flattened_rows_and_every_attention_implementation_agree(demo_index_fuyu):
+    """The flash-attn layout (B rows as one row, boundaries from positions) and eager attention give the same
+    logits as the block-diagonal SDPA path (flash itself needs a GPU; its input layout is checked here)."""
+    idx = PreparedIndex(demo_index_fuyu)
+    model = tiny_fuyu(idx.tok["vocab_size"], idx.tok["fuyu_placeholder_id"])
+    batch = next(b for b in map(as_torch, NativeLoader(idx, batch_size=3, pack=True, capacity=2048, seed=2))
+                 if b["image_patches"].shape[0] > 0 and b["input_ids"].shape[0] == 3)
+    with torch.no_grad():
+        ref = otterhd_forward(model, batch, flatten=False)
+        flat = otterhd_forward(model, batch, flatten=True)
+        model.set_attn_implementation("eager")
+        eager = otterhd_forward(model, batch, flatten=False)
+    assert flat.logits.shape == ref.logits.shape
+    torch.testing.assert_close(flat.logits, ref.logits, atol=3e-5, rtol=1e-4)
+    torch.testing.assert_close(eager.logits, ref.logits, atol=3e-5, rtol=1e-4)
+    torch.testing.assert_close(flat.loss, ref.loss, atol=1e-5, rtol=1e-5)

@@ -47,10 +47,12 @@ def build_model(cfg, tok: dict) -> torch.nn.Module:
 
 def model_outputs(model, batch: dict):
     """Packed forward of either model on a loader batch (torch tensors) -> transformers output with logits."""
-    if model.__class__.__name__ == "FuyuForCausalLM" or getattr(model, "is_otterhd", False):
+    if model.__class__.__name__ == "FuyuForCausalLM":
         inputs = otterhd.otterhd_inputs(batch, model)
         inputs.pop("labels")
-        return model(**inputs)
+        out = model(**inputs)
+        out.logits = out.logits.view(*batch["input_ids"].shape, -1)
+        return out
     from . import otter
 
     return otter.otter_forward(model, batch)
@@ -67,11 +69,6 @@ def batch_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
     labels = batch["labels"][:, 1:]
     n = int((labels != -100).sum())
     loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
-    if "image_patches" in batch and batch["image_patches"].shape[0] == 0:
-        # A batch without images skips Fuyu's patch projection; under ZeRO-3 every rank must call every module
-        # (each call gathers its shards collectively), so call it on one blank patch, with no effect on the loss.
-        proj = model.get_submodule("model.vision_embed_tokens")
-        loss = loss + 0.0 * proj(logits.new_zeros(1, proj.in_features, dtype=proj.weight.dtype)).sum()
     return loss, n
 
 

@@ -32,6 +32,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .flamingo import GatedCrossAttentionBlock, PerceiverResampler, text_time_from_ids
 from .lora import inject_lora, merge_lora_
 from .model_yaml import from_yaml_dict
+from .otterhd import flatten_rows
 from .packing import additive_block_causal_mask
 
 
@@ -283,6 +284,9 @@ class OtterForConditionalGeneration(OtterPreTrainedModel, GenerationMixin):
         """
         if vision_x is not None:
             media = self.encode_vision_x(vision_x)
+        if segment_ids is not None and not self.config.only_attend_immediate_media and bool((segment_ids > 0).any()):
+            # the `>=` variant would let a packed sample attend to earlier samples' media (counts are per row)
+            raise ValueError("packed rows need only_attend_immediate_media (Otter's setting); pack=False otherwise")
         if segment_ids is not None and (attention_mask is None or attention_mask.dim() == 2):
             if _uses_flash(self.lang_encoder) and position_ids is not None:
                 # flash-attn varlen: transformers reads the samples' boundaries from the restarting position_ids
@@ -404,13 +408,18 @@ def build_otter(cfg: OtterModelConfig, tok: dict) -> OtterForConditionalGenerati
     import os
 
     dtype = getattr(torch, cfg.dtype)
+    doc = dict(cfg.otter)
+    # LoRA goes in after the pretrained weights are loaded: injected first, it would move each adapted weight to
+    # `<name>.base_layer.weight`, where the checkpoint's tensor does not land (left randomly initialised).
+    lora = doc.pop("lora_config", None)
     if cfg.checkpoint:
         if not os.path.isdir(cfg.checkpoint):
             raise FileNotFoundError(f"Otter checkpoint folder not found: {cfg.checkpoint} (a local copy is needed)")
+        if lora:
+            doc["lora_config"] = None
         model = OtterForConditionalGeneration.from_pretrained(cfg.checkpoint, local_files_only=True, dtype=dtype,
-                                                              **cfg.otter)
+                                                              **doc)
     else:
-        doc = dict(cfg.otter)
         text = dict(doc.pop("text_config", {}) or {})
         vision = dict(doc.pop("vision_config", {}) or {})
         lm = clip = None
@@ -435,7 +444,9 @@ def build_otter(cfg: OtterModelConfig, tok: dict) -> OtterForConditionalGenerati
         model.config.eoc_token_id = tok.get("eoc_id")
     if tok["vocab_size"] > model.lang_encoder.get_input_embeddings().weight.shape[0]:
         model.lang_encoder.resize_token_embeddings(tok["vocab_size"])
-        model.set_trainable()
+    if lora:
+        model.config.lora_config = dict(lora)
+    model.set_trainable()
     return model
 
 
@@ -504,8 +515,11 @@ def dense_latents(latents: torch.Tensor, media_row: torch.Tensor, batch_size: in
     return out
 
 
-def otter_inputs(model: OtterForConditionalGeneration, batch: dict) -> dict:
-    """A loader batch (torch tensors) -> forward() keyword arguments (media encoded here)."""
+def otter_inputs(model: OtterForConditionalGeneration, batch: dict, flatten: bool | None = None) -> dict:
+    """A loader batch (torch tensors) -> forward() keyword arguments (media encoded here).
+
+    `flatten` (default: when the LM uses flash-attn) joins the rows into one, the layout of flash-attn's varlen
+    path, which transformers takes only for a single row."""
     B = batch["input_ids"].shape[0]
     frames, counts, rows = batch["pixel_values"], batch["media_frames"], batch["media_row"]
     if counts.numel() == 0:
@@ -517,13 +531,22 @@ def otter_inputs(model: OtterForConditionalGeneration, batch: dict) -> dict:
         counts = torch.ones(1, dtype=torch.long, device=frames.device)
         rows = torch.zeros(1, dtype=torch.long, device=frames.device)
     latents = model.encode_media(frames, counts)
+    if flatten if flatten is not None else _uses_flash(model.lang_encoder):
+        # flash-attn varlen: the B rows as one row (see otterhd.flatten_rows); media in row order, so the
+        # row-level media count continues across the joined rows
+        flat = flatten_rows(batch, ("input_ids", "position_ids"))
+        return {"input_ids": flat["input_ids"], "media": latents[None], "position_ids": flat["position_ids"],
+                "segment_ids": flat["segment_ids"]}
     return {"input_ids": batch["input_ids"], "media": dense_latents(latents, rows, B),
             "position_ids": batch["position_ids"], "segment_ids": batch["segment_ids"]}
 
 
-def otter_forward(model: OtterForConditionalGeneration, batch: dict) -> CausalLMOutputWithPast:
-    """Packed forward of an Otter model on a loader batch; returns the LM's output (logits)."""
-    return model(**otter_inputs(model, batch))
+def otter_forward(model: OtterForConditionalGeneration, batch: dict,
+                  flatten: bool | None = None) -> CausalLMOutputWithPast:
+    """Packed forward of an Otter model on a loader batch; returns the LM's output, logits (B, T, vocab)."""
+    out = model(**otter_inputs(model, batch, flatten))
+    out.logits = out.logits.view(*batch["input_ids"].shape, -1)
+    return out
 
 
 def flops_per_token(model: OtterForConditionalGeneration, seq_len: int, media_per_token: float = 0.0) -> float:
@@ -533,14 +556,16 @@ def flops_per_token(model: OtterForConditionalGeneration, seq_len: int, media_pe
     weight gradient), plus 12 * layers * d * seq_len for self-attention scores and values (PaLM appendix B) and
     12 * xattn_layers * inner * latents for cross-attention. Media (`media_per_token` images per text token):
     the frozen CLIP forward 2 * N_clip * patches and the perceiver 6 * N_perceiver * latents per image. The input
-    embedding table is not counted (a lookup).
+    embedding table is not counted (a lookup) unless it is tied to the output projection (MPT).
     """
     cfg = model.config
     lm = model.lang_encoder
     emb = lm.get_input_embeddings().weight
+    out_emb = lm.get_output_embeddings()
+    tied = out_emb is not None and out_emb.weight is emb
     n_train = n_frozen = 0
     for name, p in lm.named_parameters():
-        if p is emb:
+        if p is emb and not tied:  # a lookup; tied (MPT), the same tensor is the output projection: counted
             continue
         if p.requires_grad:
             n_train += p.numel()

@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from .model_yaml import from_yaml_dict
-from .packing import block_causal_mask
+from .packing import additive_block_causal_mask
 
 
 @dataclass
@@ -99,35 +99,72 @@ def build_otterhd(cfg: OtterHDConfig, vocab_size: int | None = None, image_token
 
 
 def flops_per_token(model, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward), for MFU: 6 * N + 12 * L * d * T.
+    """Training FLOPs per token (forward + backward), for MFU: 6 * N (+ 4 per frozen weight) + 12 * L * d * T.
 
     N counts every parameter a token's compute touches (all but the input embedding table; the patch
     projection is included, slightly over-counting text tokens), L the layers, d the hidden size, T the
     (packed) sequence length: the PaLM appendix-B estimate, attention scores and values included.
     """
     text = model.config.text_config
-    n = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
-    return 6.0 * n + 12.0 * text.num_hidden_layers * text.hidden_size * seq_len
+    emb = model.get_input_embeddings().weight
+    # 6 FLOPs per trained weight, 4 per frozen one (LoRA's base weights: forward and input gradient only)
+    n = sum((6.0 if p.requires_grad else 4.0) * p.numel() for p in model.parameters() if p is not emb)
+    return n + 12.0 * text.num_hidden_layers * text.hidden_size * seq_len
 
 
-def otterhd_inputs(batch: dict, model=None) -> dict:
-    """A loader batch (torch tensors) -> FuyuForCausalLM keyword arguments.
+def uses_flash(model) -> bool:
+    return str(getattr(model.config, "_attn_implementation", "")).startswith("flash")
 
-    With flash-attn (`model` using flash_attention_2) no mask is built: transformers reads the packed samples'
-    boundaries from the restarting `position_ids` and calls the varlen kernel (pads, all at position 0, become
-    one-token sequences with no loss). Not exercised here: flash-attn cannot be built on the CPU machines.
+
+def flatten_rows(batch: dict, keys: tuple[str, ...]) -> dict:
+    """A batch of B packed rows as one row of B*T tokens: flash-attn's varlen path (which transformers takes only
+    for a batch of one row, reading sample boundaries from the restarting position_ids). Segment ids are made
+    unique across rows, so masks and media counts never join the last sample of a row to the next row's first."""
+    out = dict(batch)
+    B, T = batch["input_ids"].shape
+    for k in keys:
+        out[k] = batch[k].reshape(1, B * T)
+    seg = batch["segment_ids"].long()
+    offset = torch.arange(B, device=seg.device)[:, None] * T
+    out["segment_ids"] = torch.where(seg >= 0, seg + offset, seg).reshape(1, B * T)
+    return out
+
+
+def otterhd_inputs(batch: dict, model, flatten: bool | None = None) -> dict:
+    """A loader batch (torch tensors) -> FuyuForCausalLM keyword arguments, with the embeddings built here.
+
+    Token embeddings, then the patch projection (on one blank patch when the batch has no image), scattered at
+    the loader's patch indices: every rank calls the same modules in the same order whatever its batch holds,
+    which ZeRO-3 needs (each call gathers the module's shards collectively; a rank skipping the projection, or
+    calling it later, pairs its all-gathers with another module's). The mask is the additive block-diagonal
+    causal mask (read right by SDPA and eager alike); with flash-attn (`flatten`, default: when the model uses
+    flash_attention_2) the rows become one and no mask is built: transformers reads the samples' boundaries
+    from the restarting `position_ids` and calls the varlen kernel (pads, at position 0, become one-token
+    sequences with no loss). The flash path is not exercised here: flash-attn cannot be built on the CPU machines.
     """
+    flatten = uses_flash(model) if flatten is None else flatten
+    if flatten:
+        batch = flatten_rows(batch, ("input_ids", "position_ids", "labels", "image_patches_indices"))
+    ids, pidx = batch["input_ids"], batch["image_patches_indices"]
+    emb = model.get_input_embeddings()(ids)
+    proj = model.get_submodule("model.vision_embed_tokens")
     patches = batch["image_patches"]
-    flash = model is not None and str(getattr(model.config, "_attn_implementation", "")).startswith("flash")
-    return {
-        "input_ids": batch["input_ids"],
-        "pixel_values": patches[None] if patches.shape[0] else None,  # (1, P, 2700): scattered in order
-        "position_ids": batch["position_ids"],
-        "attention_mask": None if flash else block_causal_mask(batch["segment_ids"]),
-        "labels": batch["labels"],
-    }
+    if patches.shape[0]:
+        sel = pidx >= 0
+        if int(sel.sum()) != patches.shape[0] or int(pidx.max()) != patches.shape[0] - 1:
+            raise ValueError(f"{int(sel.sum())} patch positions for {patches.shape[0]} patches")
+        feats = proj(patches.to(proj.weight.dtype)).to(emb.dtype)
+        emb = emb.index_put(sel.nonzero(as_tuple=True), feats[pidx[sel]])
+    else:
+        emb = emb + 0.0 * proj(emb.new_zeros(1, proj.in_features, dtype=proj.weight.dtype)).sum().to(emb.dtype)
+    mask = None if uses_flash(model) else additive_block_causal_mask(batch["segment_ids"], emb.dtype)
+    return {"inputs_embeds": emb, "position_ids": batch["position_ids"], "attention_mask": mask,
+            "labels": batch["labels"]}
 
 
-def otterhd_forward(model, batch: dict):
-    """Packed forward of a FuyuForCausalLM on a loader batch; returns the transformers output (loss, logits)."""
-    return model(**otterhd_inputs(batch, model))
+def otterhd_forward(model, batch: dict, flatten: bool | None = None):
+    """Packed forward of a FuyuForCausalLM on a loader batch; returns the transformers output (loss, logits),
+    logits shaped (B, T, vocab) as the batch."""
+    out = model(**otterhd_inputs(batch, model, flatten))
+    out.logits = out.logits.view(*batch["input_ids"].shape, -1)
+    return out
