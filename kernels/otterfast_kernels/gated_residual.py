@@ -49,7 +49,10 @@ def _configs():
 
 if HAS_TRITON:
 
-    @triton.autotune(configs=_configs(), key=["R", "N", "K", "EPI"])
+    # reset_to_zero: GP holds one partial per tile, and configs differ in tile count; without it a larger config
+    # benchmarked first leaves partials that the chosen config never overwrites, and the gate gradient (their sum)
+    # is wrong. Triton zeroes GP before each benchmark run and once more before the real launch.
+    @triton.autotune(configs=_configs(), key=["R", "N", "K", "EPI"], reset_to_zero=["GP"])
     @kernel_jit
     def _mm_kernel(A, B, X, C, TG, W, GP,
                    R, N, K,
