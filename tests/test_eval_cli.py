@@ -266,3 +266,17 @@ def test_run_magnifierbench_asks_freeform_and_withholds_without_judge(tmp_path):
     m = r["metrics"]
     assert m["skipped"] == 1 and r["n"] == 1 and m["accuracy"] == 1.0
     assert m["freeform_accuracy"] is None and m["freeform"]["withheld"] == "no judge configured"
+
+
+def test_run_resumes_an_interrupted_run_from_its_partial_file(tmp_path, bench):
+    """A run killed mid-dataset leaves predictions.jsonl.tmp (its last line maybe torn): the next run keeps
+    those replies and generates only the rest."""
+    fake = FakeModel()
+    run_config(_config(tmp_path, {"pope": bench["pope"]}), models={"fake": fake}, progress=False)
+    folder = tmp_path / "runs" / "fake" / "pope"
+    lines = (folder / "predictions.jsonl").read_text().splitlines()
+    (folder / "predictions.jsonl").unlink()
+    (folder / "predictions.jsonl.tmp").write_text("\n".join(lines[:2]) + "\n" + lines[2][:10])  # torn 3rd line
+    again = FakeModel()
+    run_config(_config(tmp_path, {"pope": bench["pope"]}), models={"fake": again}, progress=False)
+    assert len(again.calls) == len(lines) - 2

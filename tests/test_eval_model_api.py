@@ -47,7 +47,7 @@ class FakeGenerator:
         self.calls.append(("gen", text, len(images), decode))
         return "Yes"
 
-    def option_logliks(self, text, images, options):
+    def option_logliks(self, text, images, options, video=False):
         self.calls.append(("ll", text, len(images), options))
         return [-1.0 * (i + 1) for i in range(len(options))]
 
@@ -67,7 +67,11 @@ def test_generator_adapter_and_loading(monkeypatch, tmp_path):
     assert isinstance(m, GeneratorModel) and m.name == "mine" and m.template == "simple"
     assert seen == {"kind": "otter", "path": "/ckpt", "name": "mine", "template": "simple", "device": "cuda",
                     "dtype": "bfloat16"}  # decode stays with the runner; options go to the generator
-    assert m.render("q", 3) == "<image><image><image>User:q GPT:<answer>"  # one <image> per image
+    # several images of a row are the frames of one media (one <image>), passed as video to the generator
+    assert m.render("q", 3) == "<image>User:q GPT:<answer>"
+    m.generate("<image>User:q GPT:<answer>", [1, 2, 3])
+    assert gen.calls[-1][3] == {"video": True}
+    gen.calls.clear()
     assert m.render("q", 0) == "User:q GPT:<answer>"
 
     # the runner uses the model's own template, and its likelihood options follow that template's spacing

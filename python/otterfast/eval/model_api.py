@@ -4,7 +4,8 @@ Contract (docs/eval.md has the full text):
 
 - `render(question, n_images) -> str` (optional): the templated prompt for one query. The Otter/OtterHD adapter
   has it (the checkpoint's own template); a model without it gets eval/templates.py's `template` attribute.
-- `images`: RGB PIL images in prompt order; an Otter prompt has one "<image>" per image. [] for text-only rows.
+- `images`: RGB PIL images in prompt order; an Otter prompt from eval/templates.py has one "<image>" per image
+  ([] for text-only rows); the Otter adapter (GeneratorModel) instead gives a row's images as one video media.
 - `generate(prompt, images, **decode) -> str`: the reply to an already templated prompt: new tokens only, stopped
   at <|endofchunk|> or EOS, stripped. `decode` holds transformers-style keys (max_new_tokens, num_beams,
   no_repeat_ngram_size, do_sample, temperature, top_p, top_k, length_penalty, ...).
@@ -116,17 +117,19 @@ class GeneratorModel:
         self.template = gen.template
 
     def render(self, question: str, n_images: int) -> str:
-        text = self.gen.prompt(question, n_images=n_images)
-        if getattr(self.gen, "kind", None) == "otter" and n_images > 1:
-            # Generator templates hold one <image> for the query; an eval row with several images needs one each
-            text = text.replace("<image>", "<image>" * n_images, 1)
-        return text
+        # Otter: a row's several images (SEED-Bench video frames, multi-image questions) are the frames of one
+        # media behind one <image> (eval-reference 2.1, Otter's video layout). As separate back-to-back media,
+        # the question would attend to the last one only (only_attend_immediate_media).
+        return self.gen.prompt(question, n_images=n_images)
+
+    def _video(self, images: list) -> dict:
+        return {"video": True} if getattr(self.gen, "kind", None) == "otter" and len(images) > 1 else {}
 
     def generate(self, prompt: str, images: list, **decode: Any) -> str:
-        return self.gen.generate_text(prompt, images, **decode)
+        return self.gen.generate_text(prompt, images, **self._video(images), **decode)
 
     def option_logliks(self, prompt: str, images: list, options: list[str]) -> list[float]:
-        return self.gen.option_logliks(prompt, images, options)
+        return self.gen.option_logliks(prompt, images, options, **self._video(images))
 
 
 def describe(model: Any) -> dict:
