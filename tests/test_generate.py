@@ -57,6 +57,10 @@ def test_templates_render_otters_layouts():
         "<image>User: A? GPT:<answer> a cat<|endofchunk|><image>User: Q? GPT:<answer>"
     assert render("llama2", "Q?") == "[INST]<image>\nQ?[/INST]<answer>"
     assert render("otterhd", "Q?") == "User: Q? Assistant:\x04"
+    assert render("idefics", "Q?", [("A?", "a")]) == (
+        "User:<fake_token_around_image><image><fake_token_around_image>A?<end_of_utterance>\nAssistant:<answer>a"
+        "<end_of_utterance>\nUser:<fake_token_around_image><image><fake_token_around_image>Q?<end_of_utterance>"
+        "\nAssistant:<answer>")
     assert render("simple", "Q?", with_image=False) == "User:Q? GPT:<answer>"
     with pytest.raises(ValueError, match="unknown template"):
         render("chatml", "Q?")

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..data import images as imgs
-from ..data.prompts import IMAGE
+from ..data.prompts import EOU, IMAGE
 from ..data.tokenizer import load_tokenizer
 from .templates import FROM_TRAINING_FORMAT, TEMPLATES, render
 
@@ -87,6 +87,8 @@ class Generator:
         self.template = template or default
         self._check_template(self.template)
         # pixels as in training: the transform otterfast trained with, else CLIP's (Otter's benchmarks)
+        eou = self.tok.convert_tokens_to_ids(EOU) if EOU in self.tok.get_vocab() else None
+        self._eou_id = eou if self.info.format == "idefics" else None
         self.image_transform = imgs.IMAGE_TRANSFORMS[image_transform or meta.get("image_transform", "clip")]
         self.name = f"{self.kind}:{os.path.basename(os.path.normpath(path))}"
 
@@ -122,7 +124,7 @@ class Generator:
             return {k: v.to(self.device) for k, v in out.items()}
         patch_ids, patches = [], []
         for im in images:
-            if resolution:
+            if resolution and resolution > 0:  # -1 or None: the image's own size (Otter's `resolution=-1`)
                 s = resolution / min(im.size)
                 im = im.resize((math.ceil(im.width * s), math.ceil(im.height * s)), imgs.Image.LANCZOS)
             p, rows, cols = imgs.fuyu_patches(im)
@@ -157,12 +159,15 @@ class Generator:
             settings["streamer"] = TextStreamer(self.tok, skip_prompt=True, skip_special_tokens=True)
         n = inputs["input_ids"].shape[1]
         if self.kind == "otter":
+            if self._eou_id is not None:  # idefics-format models close a turn with <end_of_utterance>
+                settings.setdefault("eos_token_id", [t for t in (self.info.eoc_id, self.info.eos_id, self._eou_id)
+                                                     if t is not None])
             out = self.model.generate(legacy_media_masking=legacy, **inputs, **settings)
         else:
             settings.setdefault("eos_token_id", self.info.eos_id)
             out = self.model.generate(**inputs, **settings)
         new = out[0, n:].tolist()
-        stops = {t for t in (self.info.eoc_id, self.info.eos_id) if t is not None}
+        stops = {t for t in (self.info.eoc_id, self.info.eos_id, self._eou_id) if t is not None}
         for i, t in enumerate(new):
             if t in stops:
                 new = new[:i]

@@ -7,6 +7,7 @@ carry no image text (the patch tokens are placed before BOS by the model inputs)
                  the default for published Otter checkpoints
     simple       otterfast's/Otter's training format: `<image>User:{q} GPT:<answer>` (no spaces)
     llama2       `[INST]<image>\\n{q}[/INST]<answer>`
+    idefics      `User:<fake_token_around_image><image><fake_token_around_image>{q}<end_of_utterance>\\nAssistant:<answer>`
     otterhd      OtterHD's benchmarks: `User: {q} Assistant:` + `\\x04`; the default for Fuyu checkpoints
     fuyu         otterfast's Fuyu training format: `User:{q} Assistant:` + `\\x04`
     raw          the prompt as given (no `<image>` added, nothing appended)
@@ -14,7 +15,7 @@ carry no image text (the patch tokens are placed before BOS by the model inputs)
 
 from __future__ import annotations
 
-from ..data.prompts import ANSWER, EOC, FUYU_BOA, IMAGE
+from ..data.prompts import ANSWER, EOC, EOU, FAKE_IMAGE, FUYU_BOA, IMAGE
 
 
 def _otter(q_fmt: str, a_fmt: str):
@@ -36,12 +37,13 @@ TEMPLATES = {
     "otter-image": ("otter", _otter("User: {q} GPT:" + ANSWER, " {a}")),
     "simple": ("otter", _otter("User:{q} GPT:" + ANSWER, "{a}")),
     "llama2": ("otter", _otter("[INST]{q}[/INST]" + ANSWER, "{a}")),
+    "idefics": ("otter", None),  # rendered in render(): the image sits inside the turn
     "otterhd": ("fuyu", _fuyu("User: {q} Assistant:")),
     "fuyu": ("fuyu", _fuyu("User:{q} Assistant:")),
     "raw": (None, lambda query, examples, with_image: query),
 }
 # the format a model was trained with (otterfast's prepare --format) -> its inference template
-FROM_TRAINING_FORMAT = {"simple": "simple", "llama2": "llama2", "fuyu": "fuyu", "idefics": "simple"}
+FROM_TRAINING_FORMAT = {"simple": "simple", "llama2": "llama2", "fuyu": "fuyu", "idefics": "idefics"}
 
 
 def render(template: str, query: str, examples: list[tuple[str, str]] = (), with_image: bool = True) -> str:
@@ -51,4 +53,8 @@ def render(template: str, query: str, examples: list[tuple[str, str]] = (), with
         img = (IMAGE + "\n") if with_image else ""
         shots = "".join(f"[INST]{img}{q}[/INST]{ANSWER}{a}{EOC}" for q, a in examples)
         return shots + f"[INST]{img}{query}[/INST]{ANSWER}"
+    if template == "idefics":  # data/prompts.py's idefics turn; each closed by <end_of_utterance>\n
+        img = (FAKE_IMAGE + IMAGE + FAKE_IMAGE) if with_image else ""
+        shots = "".join(f"User:{img}{q}{EOU}\nAssistant:{ANSWER}{a}{EOU}\n" for q, a in examples)
+        return shots + f"User:{img}{query}{EOU}\nAssistant:{ANSWER}"
     return TEMPLATES[template][1](query, list(examples), with_image)
