@@ -82,10 +82,10 @@ class LoggingSection:
 
 @dataclass
 class TrainConfig:
-    seed: int = 0  # model init, data order (the loader's seed), dropout; each rank's RNG: seed + rank
+    seed: int = 0  # model init, data order (the loader's seed), dropout; each rank's RNG after init: seed + 1 + rank
     output_dir: str = "runs/train"
     max_steps: int | None = None  # optimizer steps; if unset, `epochs` decides
-    epochs: int | None = None  # full passes over the data (each in a new order); with max_steps: max_steps wins
+    epochs: int | None = None  # full passes over the data (each in a new order); with max_steps: whichever ends first
     grad_accum: int = 1  # micro-batches (loader batches) per optimizer step, per rank
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     save_every: int = 0  # checkpoint every N optimizer steps (0: only at the end)

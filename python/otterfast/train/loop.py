@@ -205,6 +205,10 @@ def _train(cfg, rank: int, world: int, device) -> dict:
     # Data and the schedule's length.
     lfields = {f.name: getattr(cfg.data.loader, f.name) for f in dataclasses.fields(LoaderConfig)}
     lcfg = LoaderConfig.make(None, **dict(lfields, seed=cfg.seed, rank=rank, world_size=world))
+    if world > 1 and not lcfg.even_batches:
+        # uneven batch counts give the ranks different step counts: the last collective would wait forever
+        raise ValueError("data.loader.even_batches: false needs a single rank (with several, every rank must run "
+                         "the same number of steps)")
     loader = NativeLoader(index, lcfg)
     epoch_len = _epoch_lengths(NativeLoader, index, lcfg)
     ga = cfg.grad_accum
