@@ -429,3 +429,15 @@ def test_packing_refuses_the_all_previous_media_variant():
     with pytest.raises(ValueError, match="only_attend_immediate_media"):
         model(torch.tensor([[1, IMG, 5, 1, 6]]), media=torch.zeros(1, 1, 5, 32),
               segment_ids=torch.tensor([[0, 0, 0, 1, 1]]))
+
+
+def test_same_module_calls_with_and_without_media(demo_index):
+    """ZeRO-3: every rank calls the same modules in the same order, with or without images in its batch."""
+    from test_otterhd import module_call_order
+
+    idx = PreparedIndex(demo_index)
+    model = build_model(load_model_config(os.path.join(ROOT, "configs/models/otter-tiny.yaml")), idx.tok).train()
+    batches = list(map(as_torch, NativeLoader(idx, batch_size=1, pack=True, capacity=256, seed=0)))
+    with_media = next(b for b in batches if len(b["media_row"]) > 0 and len(set(b["media_frames"].tolist())) == 1)
+    without = next(b for b in batches if len(b["media_row"]) == 0)
+    assert module_call_order(model, with_media) == module_call_order(model, without)

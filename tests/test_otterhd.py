@@ -183,3 +183,31 @@ def test_flattened_rows_and_every_attention_implementation_agree(demo_index_fuyu
     torch.testing.assert_close(flat.logits, ref.logits, atol=3e-5, rtol=1e-4)
     torch.testing.assert_close(eager.logits, ref.logits, atol=3e-5, rtol=1e-4)
     torch.testing.assert_close(flat.loss, ref.loss, atol=1e-5, rtol=1e-5)
+
+
+def module_call_order(model, batch) -> list[str]:
+    from otterfast.models.build import batch_loss
+
+    names, hooks = [], []
+    for name, m in model.named_modules():
+        hooks.append(m.register_forward_pre_hook(lambda mod, args, n=name: names.append(n)))
+    try:
+        batch_loss(model, batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    return names
+
+
+def test_same_module_calls_with_and_without_images(demo_index_fuyu):
+    """ZeRO-3 gathers each module's shards when it is called, collectively: every rank must call the same modules
+    in the same order, whether its batch has images or not."""
+    idx = PreparedIndex(demo_index_fuyu)
+    model = tiny_fuyu(idx.tok["vocab_size"], idx.tok["fuyu_placeholder_id"]).train()
+    batch = next(b for b in map(as_torch, NativeLoader(idx, batch_size=1, pack=True, capacity=2048, seed=1))
+                 if b["image_patches"].shape[0] > 0)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    text = {"input_ids": ids, "labels": ids.clone(), "position_ids": torch.arange(6)[None],
+            "segment_ids": torch.zeros(1, 6, dtype=torch.int32), "image_patches": torch.zeros(0, 2700),
+            "image_patches_indices": torch.full((1, 6), -1)}
+    assert module_call_order(model, batch) == module_call_order(model, text)
