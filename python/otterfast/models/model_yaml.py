@@ -4,6 +4,17 @@ from __future__ import annotations
 
 from dataclasses import fields
 
+import yaml
+
+
+class ModelYaml:
+    """`Config.load(path)`: a model YAML file through the dataclass's own `from_dict` checks."""
+
+    @classmethod
+    def load(cls, path: str):
+        with open(path) as f:
+            return cls.from_dict(yaml.safe_load(f) or {}, path)
+
 
 def from_yaml_dict(cls, doc: dict, where: str, architecture: str):
     valid = {f.name for f in fields(cls)}

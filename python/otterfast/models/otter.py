@@ -22,7 +22,6 @@ import inspect
 from dataclasses import dataclass, field, fields
 
 import torch
-import yaml
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionConfig, CLIPVisionModel, GenerationMixin
 from transformers import PreTrainedConfig, PreTrainedModel
@@ -31,7 +30,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .flamingo import GatedCrossAttentionBlock, PerceiverResampler, text_time_from_ids
 from .lora import inject_lora, merge_lora_
-from .model_yaml import from_yaml_dict
+from .model_yaml import ModelYaml, from_yaml_dict
 from .otterhd import flatten_rows
 from .packing import additive_block_causal_mask
 
@@ -366,7 +365,7 @@ class OtterForConditionalGeneration(OtterPreTrainedModel, GenerationMixin):
 
 # ------------------------------------------------------------------------------------- otterfast model config
 @dataclass
-class OtterModelConfig:
+class OtterModelConfig(ModelYaml):
     """A model YAML of configs/models/ (architecture: otter).
 
     `checkpoint`: a local Otter checkpoint folder (config.json + safetensors, e.g. a downloaded
@@ -387,11 +386,6 @@ class OtterModelConfig:
     # flash-attn, CUDA and an LM transformers runs with it, e.g. LLaMA), "eager", or "auto": flash-attn when it
     # imports, CUDA is present and the LM supports it, else the LM's default
     attn_implementation: str = "auto"
-
-    @classmethod
-    def load(cls, path: str) -> "OtterModelConfig":
-        with open(path) as f:
-            return cls.from_dict(yaml.safe_load(f) or {}, path)
 
     @classmethod
     def from_dict(cls, doc: dict, where: str = "model config") -> "OtterModelConfig":

@@ -14,14 +14,13 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-import yaml
 
-from .model_yaml import from_yaml_dict
+from .model_yaml import ModelYaml, from_yaml_dict
 from .packing import additive_block_causal_mask
 
 
 @dataclass
-class OtterHDConfig:
+class OtterHDConfig(ModelYaml):
     """A model YAML of configs/models/ (architecture: otterhd)."""
 
     architecture: str = "otterhd"
@@ -35,11 +34,6 @@ class OtterHDConfig:
     # "sdpa" (block-diagonal mask), "flash_attention_2" (varlen from the restarting position_ids; needs flash-attn
     # and CUDA), "eager", or "auto": flash-attn when it is installed and CUDA is present, else sdpa.
     attn_implementation: str = "auto"
-
-    @classmethod
-    def load(cls, path: str) -> "OtterHDConfig":
-        with open(path) as f:
-            return cls.from_dict(yaml.safe_load(f) or {}, path)
 
     @classmethod
     def from_dict(cls, doc: dict, where: str = "model config") -> "OtterHDConfig":
