@@ -48,11 +48,7 @@ def build_model(cfg, tok: dict) -> torch.nn.Module:
 def model_outputs(model, batch: dict):
     """Packed forward of either model on a loader batch (torch tensors) -> transformers output with logits."""
     if model.__class__.__name__ == "FuyuForCausalLM":
-        inputs = otterhd.otterhd_inputs(batch, model)
-        inputs.pop("labels")
-        out = model(**inputs)
-        out.logits = out.logits.view(*batch["input_ids"].shape, -1)
-        return out
+        return otterhd.otterhd_forward(model, batch, with_loss=False)  # the loss is batch_loss's (summed)
     from . import otter
 
     return otter.otter_forward(model, batch)

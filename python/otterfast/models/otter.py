@@ -81,9 +81,7 @@ class Conditioning:
 
     media: torch.Tensor | None = None  # (B, M, L, D) perceiver latents, row-level media order
     text_time: torch.Tensor | None = None  # (B, S): 1-based media index per token, 0 for none
-    segment_ids: torch.Tensor | None = None  # packed rows: text_time restarts per sample
-    generating: bool = False  # cached steps continue each row's media count (see _condition_from_ids)
-    legacy: bool = False  # Otter's behaviour: cached steps get text_time 0
+    legacy: bool = False  # generation, Otter's behaviour: cached steps get text_time 0
     last_time: torch.Tensor | None = None  # (B,) text_time of each row's last token so far
 
 
@@ -120,21 +118,16 @@ def decoder_layers_path(lm: nn.Module) -> str:
     """Where the LM keeps its decoder layers: a known path, else the one ModuleList as long as the layer count."""
     n = lm.config.num_hidden_layers
     for path in _KNOWN_LAYER_PATHS:
-        mod = lm.get_submodule(path) if _has_submodule(lm, path) else None
+        try:
+            mod = lm.get_submodule(path)
+        except AttributeError:
+            continue
         if isinstance(mod, nn.ModuleList) and len(mod) == n:
             return path
     found = [name for name, m in lm.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n]
     if len(found) != 1:
         raise ValueError(f"cannot find the decoder layers of {type(lm).__name__}: ModuleLists of length {n}: {found}")
     return found[0]
-
-
-def _has_submodule(m: nn.Module, path: str) -> bool:
-    try:
-        m.get_submodule(path)
-        return True
-    except AttributeError:
-        return False
 
 
 # ---------------------------------------------------------------------------------------------------------- model
@@ -337,7 +330,7 @@ class OtterForConditionalGeneration(OtterPreTrainedModel, GenerationMixin):
         gen_kwargs.setdefault("eos_token_id", eos or None)
         bad = list(gen_kwargs.pop("bad_words_ids", None) or []) + [[self.media_token_id]]
         hook = self.lang_encoder.register_forward_pre_hook(self._generation_hook, with_kwargs=True)
-        self._condition(media=media, generating=True, legacy=legacy_media_masking)
+        self._condition(media=media, legacy=legacy_media_masking)
         try:
             return self.lang_encoder.generate(input_ids=input_ids, attention_mask=attention_mask,
                                               bad_words_ids=bad, **gen_kwargs)

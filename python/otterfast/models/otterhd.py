@@ -156,9 +156,12 @@ def otterhd_inputs(batch: dict, model, flatten: bool | None = None) -> dict:
             "labels": batch["labels"]}
 
 
-def otterhd_forward(model, batch: dict, flatten: bool | None = None):
+def otterhd_forward(model, batch: dict, flatten: bool | None = None, with_loss: bool = True):
     """Packed forward of a FuyuForCausalLM on a loader batch; returns the transformers output (loss, logits),
-    logits shaped (B, T, vocab) as the batch."""
-    out = model(**otterhd_inputs(batch, model, flatten))
+    logits shaped (B, T, vocab) as the batch. `with_loss=False`: logits only."""
+    inputs = otterhd_inputs(batch, model, flatten)
+    if not with_loss:
+        inputs.pop("labels")
+    out = model(**inputs)
     out.logits = out.logits.view(*batch["input_ids"].shape, -1)
     return out

@@ -19,7 +19,7 @@ def export(engine, model, output_dir: str, index_dir: str, rank: int, prefix: st
     """Collective. `model` is the transformers model inside the engine's module, under attribute `prefix`.
 
     LoRA adapters are folded into the weights (the export has the base model's keys and loads without peft), and
-    `otterfast.json` records the prompt format of the data and `meta` (the loader's image transform), which
+    `otterfast.json` records `meta` (the data's prompt format, the loader's image transform), which
     `otterfast generate` uses as its defaults.
     """
     import json
@@ -48,10 +48,9 @@ def export(engine, model, output_dir: str, index_dir: str, rank: int, prefix: st
         finally:
             if saved_lora is not None:
                 model.config.lora_config = saved_lora
-        with open(os.path.join(index_dir, "meta.json")) as f:
-            fmt = json.load(f).get("tokenizer", {}).get("format")
+        meta = dict(meta or {})
         with open(os.path.join(tmp, "otterfast.json"), "w") as f:
-            json.dump({"format": fmt, "lora_merged": lora, **(meta or {})}, f)
+            json.dump({"format": meta.pop("format", None), "lora_merged": lora, **meta}, f)
         tok = os.path.join(index_dir, "tokenizer")
         if os.path.isdir(tok):
             for name in os.listdir(tok):

@@ -340,7 +340,8 @@ def _train(cfg, rank: int, world: int, device) -> dict:
         summary.update(step=step, total_steps=total, finished=step >= total)
         if step >= total and cfg.export:
             path = export(engine, model, out, index_dir, rank,
-                          meta={"image_transform": lcfg.image_transform, "image_size": lcfg.image_size})
+                          meta={"format": index.format, "image_transform": lcfg.image_transform,
+                                "image_size": lcfg.image_size})
             say(f"export (transformers, safetensors) {path}")
             summary["export"] = os.path.join(out, "export")
     finally:

@@ -91,6 +91,20 @@ class Task:
         raise NotImplementedError
 
 
+def grouped(items: list[Item], key) -> "dict[Any, list[Item]]":
+    """Items by `key(item)`, groups and items in file order (MME's image pairs, MMBench's circular groups)."""
+    out: dict[Any, list[Item]] = {}
+    for it in items:
+        out.setdefault(key(it), []).append(it)
+    return out
+
+
+def first_groups(items: list[Item], groups: "dict[Any, list[Item]]", n: int) -> list[Item]:
+    """The items of the first `n` groups, in file order: a `--limit` that never splits a group."""
+    rows = {it.row for g in list(groups.values())[:n] for it in g}
+    return [it for it in items if it.row in rows]
+
+
 def frac(num: float, den: float) -> float:
     """A fraction that is 0.0 (not None, not NaN) on an empty denominator (trap 8: a zero score is 0)."""
     return float(num) / den if den else 0.0

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 from ..data import Item, Layout, missing_value
-from .base import TaskError, frac, options_block, text
+from .base import TaskError, first_groups, frac, grouped, options_block, text
 from .mc import MultipleChoiceTask
 
 LMMS_SUFFIX = "\nAnswer with the option's letter from the given choices directly."
@@ -42,17 +40,11 @@ class MMBench(MultipleChoiceTask):
             raise TaskError(f"{path}: mmbench answer is not one of the row's options at rows {bad[:5]}")
 
     @staticmethod
-    def groups(items: list[Item]) -> "OrderedDict[int, list[Item]]":
-        out: OrderedDict[int, list[Item]] = OrderedDict()
-        for it in items:
-            out.setdefault(it["index"] % 1_000_000, []).append(it)
-        return out
+    def groups(items: list[Item]) -> "dict[int, list[Item]]":
+        return grouped(items, lambda it: it["index"] % 1_000_000)
 
     def subset(self, items, limit):
-        if limit is None:
-            return items
-        keep = {it.row for g in list(self.groups(items).values())[:limit] for it in g}  # whole circular groups
-        return [it for it in items if it.row in keep]
+        return items if limit is None else first_groups(items, self.groups(items), limit)  # whole circular groups
 
     def question(self, item, opts):
         opts_txt = "There are several options:\n" + options_block(list(item["choices"]), list(item["choices"].values()))

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 from ..data import Item, Layout
 from ..parsing import OTHER, parse_mme
-from .base import Task, TaskError, frac
+from .base import Task, TaskError, first_groups, frac, grouped
 
 PERCEPTION = ["existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork", "OCR"]
 COGNITION = ["commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning"]
@@ -58,19 +56,14 @@ class MME(Task):
             raise TaskError(f"{path}: mme answers must be yes/no, found {ans[:5]}")
 
     @staticmethod
-    def pairs(items: list[Item]) -> "OrderedDict[str, list[Item]]":
-        out: OrderedDict[str, list[Item]] = OrderedDict()
-        for it in items:
-            out.setdefault(it["pair"], []).append(it)
-        return out
+    def pairs(items: list[Item]) -> "dict[str, list[Item]]":
+        return grouped(items, lambda it: it["pair"])
 
     def subset(self, items: list[Item], limit: int | None) -> list[Item]:
         # Trap 4: keep whole pairs, so --limit N takes the first ceil(N/2) images.
         if limit is None:
             return items
-        keep = list(self.pairs(items).values())[: (limit + 1) // 2]
-        rows = {it.row for pair in keep for it in pair}
-        return [it for it in items if it.row in rows]
+        return first_groups(items, self.pairs(items), (limit + 1) // 2)
 
     def question(self, item: Item, opts: dict) -> str:
         q = str(item["question"])
