@@ -297,6 +297,52 @@ def run_op(op, s, dtype, device, ok, use_flex, cuda, hbm, log):
     return rows, notes
 
 
+# ---- accuracy with the configs autotuning chose ----------------------------------------------------------------
+def accuracy_check(s, dtype, device, ok, log):
+    """The fused ops at shape s, with whatever configs autotuning picked for it (the GPU tests run one fixed
+    config), against the fp32 reference from the same rounded inputs: outputs and every gradient. Rule, as in
+    the bf16 tests: fused error <= 2 x the eager reference's error in the same dtype + 1e-2 x max|ref| + 1e-3.
+    Returns (lines, all_ok)."""
+    torch = torch_mod
+    B, T, M, L, H, d, D = (s[k] for k in ("B", "T", "M", "L", "H", "d", "D"))
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    tt = make_text_time(B, T, M, torch, device)
+
+    def lowp(*shape, scale=1.0):  # rounded to the benchmark dtype once, so every path sees the same numbers
+        return (torch.randn(*shape, generator=gen) * scale).to(device, dtype)
+
+    def grads(fn, xs, dy):
+        xs = [x.detach().clone().requires_grad_() for x in xs]
+        out = fn(*xs)
+        return [out.detach()] + list(torch.autograd.grad(out, xs, dy))
+
+    cases = {
+        "core": (("out", "dq", "dk", "dv"), [lowp(B, H, T, d), lowp(B, H, M, L, d), lowp(B, H, M, L, d)],
+                 lowp(B, H, T, d), lambda q, k, v: ok.masked_media_attention(q, k, v, tt),
+                 lambda q, k, v: ok.reference.masked_media_attention_ref(q, k, v, tt)),
+        "gate": (("y", "dx", "da", "dW", "dgate"),
+                 [lowp(B, T, D), lowp(B, T, H * d), lowp(D, H * d, scale=1 / math.sqrt(H * d)),
+                  torch.tensor([0.5], device=device, dtype=dtype)],
+                 lowp(B, T, D), ok.gated_residual_linear, ok.reference.gated_residual_linear_ref),
+    }
+    lines, all_ok = [], True
+    for op, (names, xs, dy, fused, ref) in cases.items():
+        exact = grads(ref, [x.float() for x in xs], dy.float())
+        eager = grads(ref, xs, dy)
+        got = grads(fused, xs, dy)
+        for name, g_, e_, x_ in zip(names, got, eager, exact):
+            err, err_eager = (g_.float() - x_).abs().max().item(), (e_.float() - x_).abs().max().item()
+            tol = 2 * err_eager + 1e-2 * x_.abs().max().item() + 1e-3
+            good = err <= tol and bool(torch.isfinite(g_).all())
+            all_ok &= good
+            lines.append(f"{op} {name}: |fused - fp32 ref| {err:.3g}, |eager - fp32 ref| {err_eager:.3g}, "
+                         f"allowed {tol:.3g}: {'ok' if good else 'TOO LARGE'}")
+        del exact, eager, got
+    for line in lines:
+        log("  " + line)
+    return lines, all_ok
+
+
 # ---- report --------------------------------------------------------------------------------------------------
 def p50(rows, op, method, phase, s):
     for r in rows:
@@ -356,7 +402,7 @@ CSV_COLS = ["op", "method", "B", "T", "M", "L", "H", "d", "d_model", "dtype", "p
 MD_COLS = ["op", "method", "T", "M", "phase", "p20_ms", "p50_ms", "p80_ms", "peak_step_mib", "gbps", "pct_hbm", "tflops"]
 
 
-def write_reports(out_dir, rows, notes, checks, skipped, env, main_shape, cmd, smoke):
+def write_reports(out_dir, rows, notes, checks, skipped, env, main_shape, cmd, smoke, accuracy=()):
     with open(os.path.join(out_dir, "xattn.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_COLS)
         w.writeheader()
@@ -368,6 +414,7 @@ def write_reports(out_dir, rows, notes, checks, skipped, env, main_shape, cmd, s
           "## Formulas\n\n```\n" + FORMULAS + "\n```\n",
           f"## Main shape {main_shape}\n", md_table([r for r in rows if is_main(r)], MD_COLS),
           "## Targets (main shape)\n\n" + "\n".join(f"- {c}" for c in checks) + "\n",
+          "## Accuracy at the main shape, autotuned configs\n\n" + "\n".join(f"- {a}" for a in accuracy) + "\n",
           "## Sweep over T and M (core)\n",
           md_table([r for r in rows if r["op"] == "core" and not is_main(r)], MD_COLS)]
     if notes:
@@ -432,7 +479,7 @@ def main(argv=None) -> int:
 
     t_start = time.perf_counter()
     main_shape = SMOKE if args.smoke else OTTER
-    rows, notes, skipped = [], {}, []
+    rows, notes, skipped, accuracy = [], {}, [], []
     cmd = "python benches/xattn.py " + " ".join(argv if argv is not None else sys.argv[1:])
 
     def report(final: bool):
@@ -440,7 +487,7 @@ def main(argv=None) -> int:
         checks = targets(rows, main_shape, hbm)
         if args.smoke:
             checks.insert(0, "smoke run: interpreter timings mean nothing; this only proves the benchmark runs")
-        write_reports(out_dir, rows, notes, checks, skipped, env, main_shape, cmd, args.smoke)
+        write_reports(out_dir, rows, notes, checks, skipped, env, main_shape, cmd, args.smoke, accuracy)
         return checks
 
     log(f"\nmain shape {main_shape}")
@@ -449,6 +496,10 @@ def main(argv=None) -> int:
         rows += r
         notes.update({f"main {op} {k}": v for k, v in n.items()})
         report(False)
+    log("\naccuracy at the main shape with the autotuned configs (fused and eager vs the fp32 reference):")
+    acc_lines, acc_ok = accuracy_check(main_shape, dtype, device, ok, log)
+    accuracy.extend(acc_lines)
+    report(False)
     sweep = [] if args.no_sweep else ([dict(SMOKE, T=96), dict(SMOKE, M=3)] if args.smoke else SWEEP)
     for s in sweep:
         if time.perf_counter() - t_start > args.budget_s:
@@ -467,9 +518,10 @@ def main(argv=None) -> int:
         log("  " + c)
     for k, v in notes.items():
         log(f"note: {k}: {v if isinstance(v, str) else f'{v:.2f}'}")
+    log(f"  accuracy with the autotuned configs: {'ok' if acc_ok else 'FAILED'}")
     csv_path, md_path = os.path.join(out_dir, "xattn.csv"), os.path.join(out_dir, "xattn.md")
     log(f"\nwrote {csv_path} and {md_path} ({time.perf_counter() - t_start:.0f} s)")
-    return 0
+    return 0 if acc_ok else 1
 
 
 if __name__ == "__main__":

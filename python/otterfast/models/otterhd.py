@@ -81,6 +81,9 @@ def build_otterhd(cfg: OtterHDConfig, vocab_size: int | None = None, image_token
             raise ValueError("random init needs vocab_size and image_token_id (from the config or the tokenizer)")
         fuyu = FuyuConfig(text_config={"model_type": "persimmon", "vocab_size": vocab, **(cfg.text_config or {})},
                           image_token_id=image_token, patch_size=30, num_channels=3)
+        # transformers < 5.2x sizes the patch projection by FuyuConfig's own `hidden_size` (default 4096), not
+        # text_config's: keep the two equal (found on transformers 5.17, the GPU image's version).
+        fuyu.hidden_size = fuyu.text_config.hidden_size
         fuyu._attn_implementation = impl
         model = FuyuForCausalLM(fuyu).to(dtype)
     if cfg.train == "lora":
