@@ -1,5 +1,6 @@
 """OtterHD (Fuyu): the packed forward equals the plain transformers forward of each sample on the same weights."""
 
+import inspect
 import numpy as np
 import pytest
 import torch
@@ -20,6 +21,7 @@ def tiny_fuyu(vocab_size: int, image_token_id: int):
                      "num_attention_heads": 4, "intermediate_size": 128, "max_position_embeddings": 4096,
                      "partial_rotary_factor": 0.5, "qk_layernorm": True, "hidden_act": "relu2"},
         image_token_id=image_token_id, patch_size=30, num_channels=3,
+        hidden_size=64,  # transformers < 5.2x sizes the patch projection by this, not text_config's
     )
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
@@ -54,7 +56,10 @@ def test_packed_forward_equals_per_sample_forward(demo_index_fuyu):
             patches = batch["image_patches"][pidx[pidx >= 0]]
             labels = batch["labels"][b, lo:hi][None]
             with torch.no_grad():
-                ref = model(input_ids=ids, pixel_values=patches[None] if len(patches) else None, labels=labels)
+                # transformers' own Fuyu takes the patches as `pixel_values` (5.2x) or `image_patches` (5.17)
+                name = "pixel_values" if "pixel_values" in inspect.signature(model.forward).parameters \
+                    else "image_patches"
+                ref = model(input_ids=ids, labels=labels, **{name: patches[None] if len(patches) else None})
             torch.testing.assert_close(logits[b, lo:hi], ref.logits[0], atol=2e-5, rtol=1e-4)
             shift = F.cross_entropy(ref.logits[0, :-1], labels[0, 1:], ignore_index=-100, reduction="sum")
             total_nll += float(shift)

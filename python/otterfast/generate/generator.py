@@ -18,6 +18,7 @@ OtterHD: each image's patch tokens (rows of placeholders, each row closed by a n
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -70,6 +71,9 @@ class Generator:
         else:
             raise ValueError(f"{conf_path}: model_type {model_type!r} is neither otter nor fuyu")
         self.model.to(device).eval()
+        # Fuyu's patches argument: `pixel_values` in current transformers, `image_patches` before (e.g. 5.17)
+        self._patches_kwarg = "pixel_values" if "pixel_values" in inspect.signature(self.model.forward).parameters \
+            else "image_patches"
         self.device = device
         self.tok, self.info = load_tokenizer(tokenizer or _find_tokenizer(path), fmt)
         vocab = self.model.get_input_embeddings().weight.shape[0] if self.kind == "otterhd" else \
@@ -133,7 +137,7 @@ class Generator:
             patches.append(p)
         out = {"input_ids": torch.tensor([patch_ids + bos + ids])}
         if patches:
-            out["pixel_values"] = torch.from_numpy(np.concatenate(patches))[None]
+            out[self._patches_kwarg] = torch.from_numpy(np.concatenate(patches))[None]
         return {k: v.to(self.device) for k, v in out.items()}
 
     # ------------------------------------------------------------------------------------------- generation
@@ -199,7 +203,8 @@ class Generator:
             if self.kind == "otter":
                 logits = self.model(full, media=media).logits
             else:
-                logits = self.model(input_ids=full, pixel_values=base.get("pixel_values")).logits
+                patches = {self._patches_kwarg: base[self._patches_kwarg]} if self._patches_kwarg in base else {}
+                logits = self.model(input_ids=full, **patches).logits
             logp = torch.log_softmax(logits[0, ids.shape[1] - 1:-1].float(), dim=-1)
             scores.append(float(logp.gather(1, torch.tensor(o, device=ids.device)[:, None]).sum()))
         return scores

@@ -25,7 +25,11 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionConfig, CLIPVisionModel, GenerationMixin
 from transformers import PreTrainedConfig, PreTrainedModel
-from transformers.configuration_utils import SubConfigSpec
+
+try:
+    from transformers.configuration_utils import SubConfigSpec
+except ImportError:  # transformers 5.x before SubConfigSpec (e.g. 5.17, the GPU image's): the older `sub_configs`
+    SubConfigSpec = None
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .flamingo import GatedCrossAttentionBlock, PerceiverResampler, text_time_from_ids
@@ -45,10 +49,13 @@ class OtterConfig(PreTrainedConfig):
     """
 
     model_type = "otter"
-    sub_configs_defaults = {
-        "vision_config": SubConfigSpec(config_class=CLIPVisionConfig),
-        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="mpt"),
-    }
+    if SubConfigSpec is not None:
+        sub_configs_defaults = {
+            "vision_config": SubConfigSpec(config_class=CLIPVisionConfig),
+            "text_config": SubConfigSpec(config_class=AutoConfig, model_type="mpt"),
+        }
+    else:
+        sub_configs = {"vision_config": CLIPVisionConfig, "text_config": AutoConfig}
 
     vision_config: dict | PreTrainedConfig | None = None
     text_config: dict | PreTrainedConfig | None = None
@@ -72,6 +79,18 @@ class OtterConfig(PreTrainedConfig):
     train_lang_encoder: bool = False
     lora_config: dict | None = None  # {r, lora_alpha, lora_dropout[, target_modules]}: LoRA on the LM
     fused_xattn: bool = False  # the Triton cross-attention kernel (kernels/) when the tensors are on CUDA
+
+    if SubConfigSpec is None:
+        def __post_init__(self, **kwargs):
+            # what SubConfigSpec does in newer transformers: dicts (or None) become the sub-config classes
+            from transformers import CONFIG_MAPPING
+
+            if not isinstance(self.vision_config, PreTrainedConfig):
+                self.vision_config = CLIPVisionConfig(**(self.vision_config or {}))
+            if not isinstance(self.text_config, PreTrainedConfig):
+                text = dict(self.text_config or {})
+                self.text_config = CONFIG_MAPPING[text.pop("model_type", "mpt")](**text)
+            super().__post_init__(**kwargs)
 
 
 # ------------------------------------------------------------------------------------------------ decoder wrapper
