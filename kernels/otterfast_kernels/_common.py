@@ -62,9 +62,15 @@ def fused_available(device: torch.device | str | None = None) -> bool:
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs are multiplied in true fp32 ("ieee"), not TF32: fp32 is the accuracy path (tests, debugging),
-    so it must match the reference to ~1e-5; bf16/fp16 use the tensor cores' native precision."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+    """fp32 inputs are multiplied as torch multiplies fp32 matrices: IEEE fp32 at torch's default precision
+    ("highest": fp32 is the accuracy path, tests, debugging, ~1e-5 from the reference), TF32 tensor cores when
+    the user allowed them (`torch.set_float32_matmul_precision("high")` / `"medium"`), as eager matmuls would.
+    IEEE fp32 dots run on the FMA units: measured with compile_sm90.py --resources, ptxas gives the attention
+    kernels 32 registers and 20-90 KB of stack per thread there (benches/results/kernels_sm90_resources.md).
+    bf16/fp16 use the tensor cores' native precision."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
 
 
 def next_pow2_at_least_16(n: int) -> int:

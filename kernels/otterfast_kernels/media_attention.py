@@ -34,8 +34,18 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-MAX_LATENTS = 256  # one media's latents must fit one block (registers): Otter uses 64
-MAX_HEAD_DIM = 256
+# One media's latents and the head dim must fit one block (registers). Otter uses 64 x 64. Measured with
+# `compile_sm90.py --resources --specialize` (ptxas, sm_90a): bf16 128 x 128 compiles in seconds with spills of
+# 0.1 KB (forward) and 2.6 KB (backward) per thread; 256 x 256 ran ptxas for over 6 minutes at 9.5 GB of memory
+# without finishing (the backward's fp32 dK, dV accumulators alone would be 512 KB per program). Larger shapes take
+# the reference path (see `supports`).
+MAX_LATENTS = 128
+MAX_HEAD_DIM = 128
+
+
+def supports(latents: int, head_dim: int) -> bool:
+    """Whether the fused kernel takes media of `latents` latents and heads of `head_dim` (else use the reference)."""
+    return latents <= MAX_LATENTS and head_dim <= MAX_HEAD_DIM
 _LOG2E = 1.4426950408889634
 
 
@@ -53,9 +63,9 @@ def _configs(kind: str):
 
 
 def _prune(configs, named_args, **kwargs):
-    # Register pressure: a (BLOCK_T x 256) fp32 tile is too big for 128-row blocks.
+    # Register pressure: a (BLOCK_T x 128) fp32 tile is too big for 128-row blocks.
     big = max(named_args.get("BLOCK_L", kwargs.get("BLOCK_L", 64)), named_args.get("BLOCK_D", kwargs.get("BLOCK_D", 64)))
-    kept = [c for c in configs if not (big > 128 and c.kwargs["BLOCK_T"] > 64)]
+    kept = [c for c in configs if not (big > 64 and c.kwargs["BLOCK_T"] > 64)]
     return kept or configs[:1]
 
 
@@ -254,7 +264,7 @@ def _check(q, k, v, text_time):
         raise TypeError(f"text_time must be an integer tensor; got {text_time.dtype}")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
-    if k.shape[3] > MAX_LATENTS or d > MAX_HEAD_DIM:
+    if not supports(k.shape[3], d):
         raise NotImplementedError(f"fused path supports L <= {MAX_LATENTS} latents per media and head dim <= "
                                   f"{MAX_HEAD_DIM}; got L={k.shape[3]}, d={d} (use reference.masked_media_attention_ref)")
 

@@ -22,6 +22,7 @@ import time
 ap = argparse.ArgumentParser()
 ap.add_argument("--all-configs", action="store_true", help="every autotune config, not just the one the tests use")
 ap.add_argument("--resources", action="store_true", help="registers and spills per variant (ptxas -v)")
+ap.add_argument("--dtypes", default="bf16,fp32", help="which of bf16 (tensor cores) and fp32 (IEEE) to compile")
 ap.add_argument("--blocks", default="64x64", help="attention (BLOCK_L x BLOCK_D) shapes, comma-separated")
 ap.add_argument("--specialize", action="store_true",
                 help="compile as an autotuned run on contiguous tensors sees the kernels: unit inner strides are "
@@ -78,6 +79,8 @@ UNIT_STRIDES = {"_fwd_kernel": ("sq_d", "sk_d", "sv_d", "stt_t", "so_d"),
 def variants():
     blocks = [tuple(int(x) for x in b.split("x")) for b in ARGS.blocks.split(",")]
     for dtype, prec in (("bf16", "tf32"), ("fp32", "ieee")):
+        if dtype not in ARGS.dtypes.split(","):
+            continue
         for kernel in (ma._fwd_kernel, ma._bwd_kernel):
             for bl, bd in blocks:
                 # the autotuner's own pruning (big blocks keep only short query blocks)

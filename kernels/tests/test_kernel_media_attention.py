@@ -225,8 +225,10 @@ def test_validation():
     with pytest.raises(TypeError):
         ok.masked_media_attention(q, k, k, torch.zeros(1, 3))
     with pytest.raises(NotImplementedError):
-        big = torch.zeros(1, 2, 1, 300, 16)
+        big = torch.zeros(1, 2, 1, 129, 16)
         ok.masked_media_attention(q, big, big, torch.zeros(1, 3, dtype=torch.long))
+    assert ok.media_attention_supports(128, 128) and ok.media_attention_supports(13, 16)
+    assert not ok.media_attention_supports(129, 64) and not ok.media_attention_supports(64, 256)
 
 
 def test_fused_available():
@@ -234,3 +236,17 @@ def test_fused_available():
     if not CUDA:
         assert ok.fused_available("cpu")  # the conftest turned the interpreter on
     assert not ok.fused_available("meta")
+
+
+def test_fp32_dot_precision_follows_torch():
+    """fp32 multiplies as torch's fp32 matmuls do: IEEE by default, TF32 once the user allows it."""
+    from otterfast_kernels._common import dot_precision
+
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert dot_precision(torch.float32) == "ieee" and dot_precision(torch.bfloat16) == "tf32"
+        torch.set_float32_matmul_precision("high")
+        assert dot_precision(torch.float32) == "tf32"
+    finally:
+        torch.set_float32_matmul_precision(before)

@@ -59,3 +59,22 @@ def test_fused_block_equals_eager_block(device, dtype):
         block.attn.fused = True
         h = gated_residual_linear(x, block.attn.attend(x, media, text_time), block.attn.to_out.weight, block.attn_gate)
     assert torch.equal(h[0, :5], x[0, :5]) and torch.equal(h[1, :20], x[1, :20]) and torch.equal(h[1, 27:], x[1, 27:])
+
+
+def test_media_beyond_the_kernels_limits_take_the_reference_path(device):
+    """129 latents per media (the kernel's limit is 128): the fused block still runs, on the SDPA attention path
+    (the gated projection stays fused), and equals the eager block."""
+    if not fused_available(device):
+        pytest.skip(f"the Triton path cannot run on {device} here (no CUDA and no TRITON_INTERPRET)")
+    torch.manual_seed(1)
+    D, Dv, B, S, M, L = 32, 16, 1, 9, 2, 129
+    block = GatedCrossAttentionBlock(D, Dv, dim_head=16, heads=2).to(device)
+    with torch.no_grad():
+        block.attn_gate.fill_(0.5)
+    x, media = torch.randn(B, S, D, device=device), torch.randn(B, M, L, Dv, device=device)
+    text_time = torch.tensor([[0, 1, 1, 1, 2, 2, 2, 2, 2]], device=device)
+    outs = []
+    for fused in (False, True):
+        block.attn.fused = fused
+        outs.append(block(x, media, text_time))
+    torch.testing.assert_close(outs[1], outs[0], atol=2e-4, rtol=1e-3)
