@@ -81,6 +81,18 @@ def next_pow2_at_least_16(n: int) -> int:
     return p
 
 
+def size_bucket(n: int) -> int:
+    """The autotuning key for a size that varies from call to call (sequence length, rows): the next power of two.
+
+    Keyed on the exact size, the autotuner would re-benchmark every config for each new length (evaluation and
+    generation see hundreds; each costs the configs' timing runs, ~0.1 s apiece with do_bench's defaults); one
+    tuning per power of two is what the configs' relative speed depends on."""
+    p = 1
+    while p < n:
+        p *= 2
+    return p
+
+
 def num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count

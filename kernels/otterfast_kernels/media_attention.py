@@ -28,7 +28,7 @@ import math
 import torch
 
 from ._common import (HAS_TRITON, autotune_enabled, dot_precision, interpreting, kernel_jit,
-                      next_pow2_at_least_16, num_sms)
+                      next_pow2_at_least_16, num_sms, size_bucket)
 
 if HAS_TRITON:
     import triton
@@ -71,7 +71,7 @@ def _prune(configs, named_args, **kwargs):
 
 if HAS_TRITON:
 
-    @triton.autotune(configs=_configs("fwd"), key=["T", "BLOCK_L", "BLOCK_D"],
+    @triton.autotune(configs=_configs("fwd"), key=["T_KEY", "BLOCK_L", "BLOCK_D"],
                      prune_configs_by={"early_config_prune": _prune})
     @kernel_jit
     def _fwd_kernel(Q, K, V, TT, O, LSE,
@@ -80,7 +80,7 @@ if HAS_TRITON:
                     sv_b, sv_h, sv_m, sv_l, sv_d,
                     stt_b, stt_t,
                     so_b, so_h, so_t, so_d,
-                    H, T, M, L, D, qk_scale,
+                    H, T, M, L, D, qk_scale, T_KEY,
                     BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
                     PREC: tl.constexpr, UPCAST: tl.constexpr):
         pid_t = tl.program_id(0)
@@ -151,7 +151,7 @@ if HAS_TRITON:
             last = tl.maximum(last, tl.max(tl.where(hit, r, row_lo - 1), axis=0))
         return first, last
 
-    @triton.autotune(configs=_configs("bwd"), key=["T", "BLOCK_L", "BLOCK_D"],
+    @triton.autotune(configs=_configs("bwd"), key=["T_KEY", "BLOCK_L", "BLOCK_D"],
                      prune_configs_by={"early_config_prune": _prune})
     @kernel_jit
     def _bwd_kernel(Q, K, V, TT, O, DO, LSE, DQ, DK, DV,
@@ -164,7 +164,7 @@ if HAS_TRITON:
                     sdq_b, sdq_h, sdq_t, sdq_d,
                     sdk_s, sdk_b, sdk_h, sdk_m, sdk_l, sdk_d,
                     sdv_s, sdv_b, sdv_h, sdv_m, sdv_l, sdv_d,
-                    H, T, M, L, D, SPLIT, sm_scale, qk_scale,
+                    H, T, M, L, D, SPLIT, sm_scale, qk_scale, T_KEY,
                     BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
                     PREC: tl.constexpr, UPCAST: tl.constexpr):
         pid_m = tl.program_id(0)  # 0: zero the dq of rows without media; m >= 1: media m
@@ -289,7 +289,7 @@ def _forward(q, k, v, text_time, scale):
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_T"]), B * H)  # noqa: E731
     _fwd_kernel[grid](q, k, v, text_time, o, lse,
                       *q.stride(), *k.stride(), *v.stride(), *text_time.stride(), *o.stride(),
-                      H, T, M, L, d, scale * _LOG2E,
+                      H, T, M, L, d, scale * _LOG2E, size_bucket(T),  # T_KEY: the autotuning key only
                       BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D, PREC=dot_precision(q.dtype), UPCAST=interpreting())
     return o, lse
 
@@ -324,7 +324,7 @@ def _backward(q, k, v, text_time, o, lse, do, scale, split=None):
     _bwd_kernel[grid](q, k, v, text_time, o, do, lse, dq, dk_w, dv_w,
                       *q.stride(), *k.stride(), *v.stride(), *text_time.stride(), *o.stride(), *do.stride(),
                       *dq.stride(), *dk_w.stride(), *dv_w.stride(),
-                      H, T, M, L, d, split, scale, scale * _LOG2E,
+                      H, T, M, L, d, split, scale, scale * _LOG2E, size_bucket(T),
                       BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D, PREC=dot_precision(q.dtype), UPCAST=interpreting())
     if split > 1:
         dk, dv = dk_w.sum(0).to(k.dtype), dv_w.sum(0).to(v.dtype)

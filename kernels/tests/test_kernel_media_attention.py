@@ -250,3 +250,15 @@ def test_fp32_dot_precision_follows_torch():
         assert dot_precision(torch.float32) == "tf32"
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+def test_autotuning_is_keyed_by_length_bucket_not_length():
+    """A new sequence length must not re-run the autotuner (evaluation sees hundreds): the kernels are tuned once
+    per power of two of T (attention) and of the row count (projection)."""
+    from otterfast_kernels import gated_residual as gr
+    from otterfast_kernels._common import size_bucket
+
+    assert [size_bucket(n) for n in (0, 1, 2, 3, 100, 128, 129, 2048, 2049)] == [1, 1, 2, 4, 128, 128, 256, 2048, 4096]
+    for kernel in (ma._fwd_kernel, ma._bwd_kernel):
+        assert "T_KEY" in kernel.keys and "T" not in kernel.keys
+    assert "R_KEY" in gr._mm_kernel.keys and "R" not in gr._mm_kernel.keys
