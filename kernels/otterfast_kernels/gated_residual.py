@@ -52,11 +52,12 @@ if HAS_TRITON:
     # reset_to_zero: GP holds one partial per tile, and configs differ in tile count; without it a larger config
     # benchmarked first leaves partials that the chosen config never overwrites, and the gate gradient (their sum)
     # is wrong. Triton zeroes GP before each benchmark run and once more before the real launch.
-    # R_KEY (the row count's power-of-two bucket) rather than R: rows are batch x length, which varies per call.
-    @triton.autotune(configs=_configs(), key=["R_KEY", "N", "K", "EPI"], reset_to_zero=["GP"])
+    # R_KEY, K_KEY: power-of-two buckets of R and K, not their exact values: rows are batch x length, which varies
+    # per call, and so is K in the weight-gradient matmul (it sums over the rows).
+    @triton.autotune(configs=_configs(), key=["R_KEY", "N", "K_KEY", "EPI", "PREC"], reset_to_zero=["GP"])
     @kernel_jit
     def _mm_kernel(A, B, X, C, TG, W, GP,
-                   R, N, K, R_KEY,
+                   R, N, K, R_KEY, K_KEY,
                    sa_r, sa_k, sb_k, sb_n, sx_r, sx_n, sc_r, sc_n, sw_r, sw_n,
                    EPI: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
                    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_R: tl.constexpr):
@@ -120,7 +121,7 @@ def _matmul(a2, b2, out, tg, epi, x2=None, w=None):
     gp = torch.zeros(n_tiles if epi == EPI_SCALE_GATE else 1, device=out.device, dtype=torch.float32)
     x_ = x2 if x2 is not None else out
     w_ = w if w is not None else out
-    _mm_kernel[grid](a2, b2, x_, out, tg, w_, gp, R, N, K, size_bucket(R),
+    _mm_kernel[grid](a2, b2, x_, out, tg, w_, gp, R, N, K, size_bucket(R), size_bucket(K),
                      *a2.stride(), *b2.stride(), *x_.stride(), *out.stride(), *w_.stride(),
                      EPI=epi, PREC=dot_precision(a2.dtype), UPCAST=interpreting())
     return gp
@@ -145,6 +146,7 @@ class GatedResidualLinear(torch.autograd.Function):
         return y
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the backward kernels are not differentiable themselves
     def backward(ctx, dy):
         a, weight, gate, tg = ctx.saved_tensors
         need_x, need_a, need_w, need_g = ctx.needs_input_grad

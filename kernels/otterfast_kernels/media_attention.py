@@ -43,9 +43,13 @@ MAX_LATENTS = 128
 MAX_HEAD_DIM = 128
 
 
-def supports(latents: int, head_dim: int) -> bool:
-    """Whether the fused kernel takes media of `latents` latents and heads of `head_dim` (else use the reference)."""
-    return latents <= MAX_LATENTS and head_dim <= MAX_HEAD_DIM
+MAX_BATCH_HEADS = 65535  # batch x heads is a grid axis (y or z), whose CUDA limit is 65535 programs
+
+
+def supports(latents: int, head_dim: int, batch_heads: int = 1) -> bool:
+    """Whether the fused kernel takes media of `latents` latents, heads of `head_dim`, and `batch_heads` (batch x
+    heads) at once; else use the reference."""
+    return latents <= MAX_LATENTS and head_dim <= MAX_HEAD_DIM and batch_heads <= MAX_BATCH_HEADS
 _LOG2E = 1.4426950408889634
 
 
@@ -71,7 +75,14 @@ def _prune(configs, named_args, **kwargs):
 
 if HAS_TRITON:
 
-    @triton.autotune(configs=_configs("fwd"), key=["T_KEY", "BLOCK_L", "BLOCK_D"],
+    @triton.jit
+    def _load_media_index(ptrs, mask, M):
+        """text_time as int32, with every value outside 1..M read as 0 (no media). Compared before narrowing: an
+        int64 value such as 2**32 + 1 would otherwise wrap to media 1."""
+        t = tl.load(ptrs, mask=mask, other=0)
+        return tl.where((t >= 1) & (t <= M), t, 0).to(tl.int32)
+
+    @triton.autotune(configs=_configs("fwd"), key=["T_KEY", "BLOCK_L", "BLOCK_D", "PREC"],
                      prune_configs_by={"early_config_prune": _prune})
     @kernel_jit
     def _fwd_kernel(Q, K, V, TT, O, LSE,
@@ -94,7 +105,7 @@ if HAS_TRITON:
         lat_ok = lat < L
         dim_ok = dim < D
 
-        tt = tl.load(TT + b.to(tl.int64) * stt_b + rows * stt_t, mask=row_ok, other=0).to(tl.int32)
+        tt = _load_media_index(TT + b.to(tl.int64) * stt_b + rows * stt_t, row_ok, M)
         valid = row_ok & (tt >= 1) & (tt <= M)
         # The media this block needs: [m_lo, m_hi] over rows that have one (empty range if none do).
         m_lo = tl.min(tl.where(valid, tt, M + 1), axis=0)
@@ -145,13 +156,13 @@ if HAS_TRITON:
         for r0 in range(row_lo, row_hi, SCAN):
             r = r0 + tl.arange(0, SCAN)
             ok = r < row_hi
-            t = tl.load(tt_base + r * stt_t, mask=ok, other=0).to(tl.int32)
+            t = _load_media_index(tt_base + r * stt_t, ok, M)
             hit = ok & tl.where(m == 0, (t < 1) | (t > M), t == m)
             first = tl.minimum(first, tl.min(tl.where(hit, r, row_hi), axis=0))
             last = tl.maximum(last, tl.max(tl.where(hit, r, row_lo - 1), axis=0))
         return first, last
 
-    @triton.autotune(configs=_configs("bwd"), key=["T_KEY", "BLOCK_L", "BLOCK_D"],
+    @triton.autotune(configs=_configs("bwd"), key=["T_KEY", "BLOCK_L", "BLOCK_D", "PREC"],
                      prune_configs_by={"early_config_prune": _prune})
     @kernel_jit
     def _bwd_kernel(Q, K, V, TT, O, DO, LSE, DQ, DK, DV,
@@ -193,7 +204,7 @@ if HAS_TRITON:
             for qb in range(qb_first, qb_end):
                 rows = qb * BLOCK_T + tl.arange(0, BLOCK_T)
                 row_ok = rows < T
-                tt = tl.load(tt_base + rows * stt_t, mask=row_ok, other=0).to(tl.int32)
+                tt = _load_media_index(tt_base + rows * stt_t, row_ok, M)
                 none = row_ok & ((tt < 1) | (tt > M))
                 zero = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
                 tl.store(dq_base + rows[:, None] * sdq_t + dim[None, :] * sdq_d, zero.to(DQ.dtype.element_ty),
@@ -220,7 +231,7 @@ if HAS_TRITON:
             for qb in range(qb_first, qb_end):
                 rows = qb * BLOCK_T + tl.arange(0, BLOCK_T)
                 row_ok = rows < T
-                tt = tl.load(tt_base + rows * stt_t, mask=row_ok, other=0).to(tl.int32)
+                tt = _load_media_index(tt_base + rows * stt_t, row_ok, M)
                 sel = row_ok & (tt == m)
                 # Only the selected rows are read: other rows belong to other programs (or to nobody).
                 rmask = sel[:, None] & dim_ok[None, :]
@@ -264,6 +275,9 @@ def _check(q, k, v, text_time):
         raise TypeError(f"text_time must be an integer tensor; got {text_time.dtype}")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if B * H > MAX_BATCH_HEADS:
+        raise NotImplementedError(f"fused path supports batch x heads <= {MAX_BATCH_HEADS} (a CUDA grid axis); got "
+                                  f"{B} x {H} (use reference.masked_media_attention_ref, or split the batch)")
     if not supports(k.shape[3], d):
         raise NotImplementedError(f"fused path supports L <= {MAX_LATENTS} latents per media and head dim <= "
                                   f"{MAX_HEAD_DIM}; got L={k.shape[3]}, d={d} (use reference.masked_media_attention_ref)")
@@ -340,6 +354,7 @@ class MaskedMediaAttention(torch.autograd.Function):
         return o
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the backward kernels are not differentiable themselves
     def backward(ctx, do):
         q, k, v, text_time, o, lse = ctx.saved_tensors
         dq, dk, dv = _backward(q, k, v, text_time, o, lse, do, ctx.scale)

@@ -135,3 +135,14 @@ def test_validation():
     with pytest.raises(TypeError):
         ok.gated_residual_linear(torch.zeros(3, 4), torch.zeros(3, 5, dtype=torch.long), torch.zeros(4, 5),
                                  torch.zeros(1))
+
+
+def test_second_order_gradients_refuse_instead_of_lying(device):
+    """The backward kernels are not differentiable: double backward raises rather than giving zeros (torch's
+    once_differentiable guard, which acts when the incoming gradient itself requires grad)."""
+    x, a, w, g, dy = inputs((2, 5), 16, 16, 0.3, device=device, seed=3)
+    y = ok.gated_residual_linear(x, a, w, g)
+    (da,) = torch.autograd.grad(y, (a,), dy.requires_grad_(), create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        # without the guard this ran: da's second-order part silently 0, only a.sum()'s gradient left
+        (da.sum() + a.sum()).backward()

@@ -229,6 +229,7 @@ def test_validation():
         ok.masked_media_attention(q, big, big, torch.zeros(1, 3, dtype=torch.long))
     assert ok.media_attention_supports(128, 128) and ok.media_attention_supports(13, 16)
     assert not ok.media_attention_supports(129, 64) and not ok.media_attention_supports(64, 256)
+    assert ok.media_attention_supports(64, 64, 65535) and not ok.media_attention_supports(64, 64, 65536)
 
 
 def test_fused_available():
@@ -262,3 +263,27 @@ def test_autotuning_is_keyed_by_length_bucket_not_length():
     for kernel in (ma._fwd_kernel, ma._bwd_kernel):
         assert "T_KEY" in kernel.keys and "T" not in kernel.keys
     assert "R_KEY" in gr._mm_kernel.keys and "R" not in gr._mm_kernel.keys
+
+
+def test_text_time_outside_int32_is_no_media(device):
+    """int64 text_time beyond int32 (never made by the model, but an integer tensor is the contract): values
+    outside 1..M mean no media, as in the reference, instead of wrapping round to a media when narrowed."""
+    q, k, v, do, _ = inputs(1, 2, 6, 16, 2, 13, device=device, seed=5)
+    tt = torch.tensor([[1, 2**32 + 1, 2**32 + 2, -2**32 + 1, 2, 0]], device=device)
+    want = run(masked_media_attention_ref, q, k, v, tt, do)
+    got = run(ok.masked_media_attention, q, k, v, tt, do)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+    assert (got[0][0, :, 1:4] == 0).all() and (got[1][0, :, 1:4] == 0).all()
+
+
+def test_second_order_gradients_refuse_instead_of_lying(device):
+    """The backward kernels are not differentiable: double backward raises rather than giving zeros (torch's
+    once_differentiable guard, which acts when the incoming gradient itself requires grad)."""
+    q, k, v, do, _ = inputs(1, 1, 5, 16, 1, 13, device=device, seed=6)
+    tt = torch.tensor([[0, 1, 1, 1, 1]], device=device)
+    out = ok.masked_media_attention(q, k, v, tt)
+    (dq,) = torch.autograd.grad(out, (q,), do.requires_grad_(), create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        # without the guard this ran: dq's second-order part silently 0, only q.sum()'s gradient left
+        (dq.sum() + q.sum()).backward()

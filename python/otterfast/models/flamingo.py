@@ -108,7 +108,8 @@ class MaskedCrossAttention(nn.Module):
         k, v = self.to_kv(media.reshape(B, M * L, -1)).chunk(2, dim=-1)
         k = k.view(B, M * L, self.heads, self.dim_head).transpose(1, 2)
         v = v.view(B, M * L, self.heads, self.dim_head).transpose(1, 2)
-        if self.fused and self.only_immediate and _fused_ok(x.device) and _fused_shape_ok(L, self.dim_head):
+        fused = self.fused and self.only_immediate and _fused_ok(x.device)
+        if fused and _fused_shape_ok(L, self.dim_head, B * self.heads):
             out = _fused_media_attention(q, k, v, text_time, M, L)
             return out.transpose(1, 2).reshape(B, S, -1)
         media_of_key = torch.arange(M * L, device=x.device) // L + 1  # 1-based media index of each key
@@ -134,11 +135,12 @@ def _fused_ok(device: torch.device) -> bool:
     return fused_available(device)
 
 
-def _fused_shape_ok(latents: int, dim_head: int) -> bool:
-    """The kernel's own limits (one media per block); beyond them the SDPA path below, same semantics."""
+def _fused_shape_ok(latents: int, dim_head: int, batch_heads: int) -> bool:
+    """The kernel's own limits (one media per block, batch x heads per grid axis); beyond them the SDPA path
+    below, same semantics."""
     from otterfast_kernels import media_attention_supports
 
-    return media_attention_supports(latents, dim_head)
+    return media_attention_supports(latents, dim_head, batch_heads)
 
 
 def _fused_media_attention(q, k, v, text_time, M: int, L: int):
