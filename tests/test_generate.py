@@ -190,3 +190,21 @@ def test_generate_cli_streams_the_same_reply(otter_dir, tmp_path, capsys):
     plain = capsys.readouterr().out.strip()
     assert main(args + ["--stream"]) == 0
     assert capsys.readouterr().out.strip() == plain
+
+
+def test_otterhd_option_logliks_equal_full_forwards(otterhd_dir):
+    """The prompt runs once and each option continues its KV cache: the scores equal one full forward per option."""
+    g = Generator(otterhd_dir)
+    img = photo(5, 100, 70)
+    text = g.prompt("Which one?")
+    opts = [" A", " no maybe so", " B C"]
+    got = g.option_logliks(text, [img], opts)
+    base = g.inputs(text, [img])
+    patches = {g._patches_kwarg: base[g._patches_kwarg]}
+    for opt, score in zip(opts, got):
+        o = g.tok(opt, add_special_tokens=False)["input_ids"]
+        ids = torch.cat([base["input_ids"], torch.tensor([o])], dim=1)
+        with torch.no_grad():
+            logits = g.model(input_ids=ids, **patches).logits[0].float()
+        want = torch.log_softmax(logits[-len(o) - 1:-1], dim=-1).gather(1, torch.tensor(o)[:, None]).sum()
+        assert score == pytest.approx(float(want), rel=1e-4, abs=1e-4)

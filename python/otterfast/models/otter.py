@@ -190,7 +190,11 @@ class OtterForConditionalGeneration(OtterPreTrainedModel, GenerationMixin):
         for part in [self.perceiver] + [m for m in self.modules() if isinstance(m, GatedCrossAttentionBlock)]:
             for m in part.modules():
                 m._flamingo_part = True
-        self._lm_takes_position_ids = "position_ids" in inspect.signature(self.lang_encoder.forward).parameters
+        lm_params = inspect.signature(self.lang_encoder.forward).parameters
+        self._lm_takes_position_ids = "position_ids" in lm_params
+        # the LM's name for its KV cache: `cache` in current transformers (`past_key_values` deprecated), before it
+        # `past_key_values` (e.g. 5.17)
+        self._lm_cache_kwarg = "cache" if "cache" in lm_params else "past_key_values"
         self.post_init()
         self.set_trainable()
 
@@ -287,11 +291,14 @@ class OtterForConditionalGeneration(OtterPreTrainedModel, GenerationMixin):
     def forward(self, input_ids: torch.Tensor, vision_x: torch.Tensor | None = None, media: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 segment_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                cache=None, use_cache: bool | None = None, **kwargs) -> CausalLMOutputWithPast:
+                cache=None, use_cache: bool | None = None, media_count_before: torch.Tensor | None = None,
+                **kwargs) -> CausalLMOutputWithPast:
         """Either `vision_x` (B, T_img, F, 3, H, W) or precomputed `media` latents (B, M, L, D).
 
         Packed rows: give `segment_ids` (B, S) and the loader's restarting `position_ids`; the block-diagonal
-        causal mask is built here when `attention_mask` is not already 4-D.
+        causal mask is built here when `attention_mask` is not already 4-D. A continuation of a cached prefix
+        (`cache` / `past_key_values`) gives `media_count_before` (B,): each row's `<image>` count in that prefix, so
+        the new tokens keep attending their media.
         """
         if vision_x is not None:
             media = self.encode_vision_x(vision_x)
@@ -306,11 +313,16 @@ class OtterForConditionalGeneration(OtterPreTrainedModel, GenerationMixin):
                 attention_mask = additive_block_causal_mask(segment_ids, self.lang_encoder.dtype)
         lm_kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=use_cache,
                          **kwargs)
+        if cache is None and "past_key_values" in kwargs:  # the older name, as transformers' generate passes it
+            cache = lm_kwargs.pop("past_key_values")
         if cache is not None:
-            lm_kwargs["past_key_values"] = cache
+            lm_kwargs[self._lm_cache_kwarg] = cache
         if position_ids is not None and self._lm_takes_position_ids:
             lm_kwargs["position_ids"] = position_ids
-        self._condition(media=media, text_time=text_time_from_ids(input_ids, self.media_token_id, segment_ids))
+        text_time = text_time_from_ids(input_ids, self.media_token_id, segment_ids)
+        if media_count_before is not None:
+            text_time = text_time + media_count_before.to(text_time.device).view(-1, 1)
+        self._condition(media=media, text_time=text_time)
         try:
             out = self.lang_encoder(**lm_kwargs)
         finally:
