@@ -41,16 +41,14 @@ if HAS_TRITON:
 # the reference path (see `supports`).
 MAX_LATENTS = 128
 MAX_HEAD_DIM = 128
-
-
 MAX_BATCH_HEADS = 65535  # batch x heads is a grid axis (y or z), whose CUDA limit is 65535 programs
+_LOG2E = 1.4426950408889634
 
 
 def supports(latents: int, head_dim: int, batch_heads: int = 1) -> bool:
     """Whether the fused kernel takes media of `latents` latents, heads of `head_dim`, and `batch_heads` (batch x
     heads) at once; else use the reference."""
     return latents <= MAX_LATENTS and head_dim <= MAX_HEAD_DIM and batch_heads <= MAX_BATCH_HEADS
-_LOG2E = 1.4426950408889634
 
 
 def _configs(kind: str):

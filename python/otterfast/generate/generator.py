@@ -18,7 +18,6 @@ OtterHD: each image's patch tokens (rows of placeholders, each row closed by a n
 
 from __future__ import annotations
 
-import copy
 import inspect
 import json
 import math
@@ -72,12 +71,11 @@ class Generator:
         else:
             raise ValueError(f"{conf_path}: model_type {model_type!r} is neither otter nor fuyu")
         self.model.to(device).eval()
-        # Fuyu's patches argument: `pixel_values` in current transformers, `image_patches` before (e.g. 5.17)
-        self._patches_kwarg = "pixel_values" if "pixel_values" in inspect.signature(self.model.forward).parameters \
-            else "image_patches"
-        # and its KV cache: `cache` in current transformers, `past_key_values` before (Otter's forward takes `cache`)
-        self._cache_kwarg = "cache" if "cache" in inspect.signature(self.model.forward).parameters \
-            else "past_key_values"
+        # Argument names that changed within transformers 5: Fuyu's patches (`pixel_values`, before `image_patches`)
+        # and the KV cache (`cache`, before `past_key_values`; Otter's forward takes `cache`).
+        params = inspect.signature(self.model.forward).parameters
+        self._patches_kwarg = "pixel_values" if "pixel_values" in params else "image_patches"
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self.device = device
         self.tok, self.info = load_tokenizer(tokenizer or _find_tokenizer(path), fmt)
         vocab = self.model.get_input_embeddings().weight.shape[0] if self.kind == "otterhd" else \
@@ -215,16 +213,14 @@ class Generator:
                 raise ValueError(f"option {opt!r} has no tokens")
             score = float(last[o[0]])
             if len(o) > 1:  # the option's later tokens, given the prompt and its earlier tokens
-                past = cache if hasattr(cache, "crop") else copy.deepcopy(cache)  # a cache we cannot roll back
                 step = self.model(input_ids=torch.tensor([o[:-1]], device=ids.device), use_cache=True,
-                                  **{self._cache_kwarg: past}, **cont)
+                                  **{self._cache_kwarg: cache}, **cont)
                 logp = torch.log_softmax(step.logits[0].float(), dim=-1)
                 score += float(logp.gather(1, torch.tensor(o[1:], device=ids.device)[:, None]).sum())
-                if past is cache:
-                    try:
-                        cache.crop(-(len(o) - 1))  # back to the prompt alone (a negative count: what to drop)
-                    except (RuntimeError, ValueError):  # e.g. a sliding-window layer that kept no past: recompute
-                        cache = self.model(input_ids=ids, use_cache=True, **first).past_key_values
+                try:
+                    cache.crop(-(len(o) - 1))  # back to the prompt alone (a negative count: what to drop)
+                except (RuntimeError, ValueError):  # e.g. a sliding-window layer that kept no past: recompute
+                    cache = self.model(input_ids=ids, use_cache=True, **first).past_key_values
             scores.append(score)
         return scores
 
