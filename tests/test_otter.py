@@ -12,7 +12,8 @@ from otterfast.data.loader import NativeLoader
 from otterfast.data.reference import as_torch
 from otterfast.models.build import batch_loss, build_model, load_model_config
 from otterfast.models.flamingo import GatedCrossAttentionBlock
-from otterfast.models.otter import (OtterConfig, OtterForConditionalGeneration, dense_latents, flops_per_token,
+from otterfast.models.otter_build import flops_per_token
+from otterfast.models.otter import (OtterConfig, OtterForConditionalGeneration, dense_latents,
                                     otter_forward)
 
 ROOT = os.path.dirname(os.path.dirname(__file__))

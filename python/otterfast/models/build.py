@@ -2,20 +2,65 @@
 
     cfg = load_model_config("configs/models/otterhd-tiny.yaml")     # or a dict with the same keys
     model = build_model(cfg, tok)            # tok: the prepared index's tokenizer facts (meta["tokenizer"])
+    set_activation_checkpointing(model, "decoder")                  # none | decoder | all
     loss_sum, n = batch_loss(model, batch)   # a loader batch as torch tensors; summed loss over n labelled tokens
     flops = flops_per_token(model, seq_len)  # training FLOPs per token, for MFU
 
-`architecture` in the YAML picks the model: `otterhd` (Fuyu) or `otter` (Flamingo). Trainable parameters are
-chosen by the builder from the config's `train` key (Otter's defaults unless told otherwise).
+`architecture` in the YAML picks the model: `otterhd` (Fuyu) or `otter` (Flamingo), through one table from kind
+to its functions (`KINDS`). Trainable parameters are chosen by the builder from the config's `train` key
+(Otter's defaults unless told otherwise).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 import yaml
 
-from . import otterhd
+from . import otter, otter_build, otterhd
+
+CHECKPOINTING = ("none", "decoder", "all")
+
+
+@dataclass(frozen=True)
+class ModelKind:
+    config: type  # the model YAML's dataclass
+    model: type  # the torch module class it builds
+    build: Callable  # (cfg, tok) -> model
+    forward: Callable  # (model, batch) -> transformers output with logits (B, T, vocab)
+    flops_per_token: Callable  # (model, seq_len) -> float
+    checkpointing: Callable  # (model, mode) -> None
+
+
+def _otterhd_model_class():
+    from transformers import FuyuForCausalLM
+
+    return FuyuForCausalLM
+
+
+KINDS: dict[str, ModelKind] = {
+    "otterhd": ModelKind(
+        config=otterhd.OtterHDConfig, model=_otterhd_model_class(),
+        build=lambda cfg, tok: otterhd.build_otterhd(cfg, vocab_size=tok["vocab_size"],
+                                                     image_token_id=tok["fuyu_placeholder_id"]),
+        # the loss is batch_loss's (summed): logits only
+        forward=lambda model, batch: otterhd.otterhd_forward(model, batch, with_loss=False),
+        flops_per_token=otterhd.flops_per_token, checkpointing=otterhd.set_activation_checkpointing),
+    "otter": ModelKind(
+        config=otter_build.OtterModelConfig, model=otter.OtterForConditionalGeneration,
+        build=otter_build.build_otter, forward=otter.otter_forward, flops_per_token=otter_build.flops_per_token,
+        checkpointing=lambda model, mode: model.set_activation_checkpointing(mode)),
+}
+
+
+def kind_of(model: torch.nn.Module) -> ModelKind:
+    for kind in KINDS.values():
+        if isinstance(model, kind.model):
+            return kind
+    raise TypeError(f"not an otterfast model: {type(model).__name__}")
 
 
 def load_model_config(src):
@@ -27,31 +72,19 @@ def load_model_config(src):
     else:
         doc, where = dict(src), "model config"
     arch = doc.get("architecture")
-    if arch == "otterhd":
-        return otterhd.OtterHDConfig.from_dict(doc, where)
-    if arch == "otter":
-        from . import otter
-
-        return otter.OtterModelConfig.from_dict(doc, where)
-    raise ValueError(f"{where}: architecture must be 'otter' or 'otterhd', got {arch!r}")
+    if arch not in KINDS:
+        raise ValueError(f"{where}: architecture must be one of {', '.join(KINDS)}, got {arch!r}")
+    return KINDS[arch].config.from_dict(doc, where)
 
 
 def build_model(cfg, tok: dict) -> torch.nn.Module:
     """The model of `cfg`, its vocabulary fitted to the prepared index's tokenizer facts `tok`."""
-    if isinstance(cfg, otterhd.OtterHDConfig):
-        return otterhd.build_otterhd(cfg, vocab_size=tok["vocab_size"], image_token_id=tok["fuyu_placeholder_id"])
-    from . import otter
-
-    return otter.build_otter(cfg, tok)
+    return KINDS[cfg.architecture].build(cfg, tok)
 
 
 def model_outputs(model, batch: dict):
     """Packed forward of either model on a loader batch (torch tensors) -> transformers output with logits."""
-    if model.__class__.__name__ == "FuyuForCausalLM":
-        return otterhd.otterhd_forward(model, batch, with_loss=False)  # the loss is batch_loss's (summed)
-    from . import otter
-
-    return otter.otter_forward(model, batch)
+    return kind_of(model).forward(model, batch)
 
 
 def batch_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
@@ -69,8 +102,12 @@ def batch_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
 
 
 def flops_per_token(model, seq_len: int) -> float:
-    if model.__class__.__name__ == "FuyuForCausalLM":
-        return otterhd.flops_per_token(model, seq_len)
-    from . import otter
+    return kind_of(model).flops_per_token(model, seq_len)
 
-    return otter.flops_per_token(model, seq_len)
+
+def set_activation_checkpointing(model, mode: str) -> None:
+    """`none`, `decoder` (each decoder layer, with Otter's cross-attention block) or `all` (also Otter's
+    perceiver blocks, and CLIP's layers when they train): recomputed in backward instead of kept."""
+    if mode not in CHECKPOINTING:
+        raise ValueError(f"activation_checkpointing must be one of {', '.join(CHECKPOINTING)}, got {mode!r}")
+    kind_of(model).checkpointing(model, mode)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 def feed_forward(dim: int, mult: int = 4) -> nn.Sequential:
@@ -66,6 +67,7 @@ class PerceiverResampler(nn.Module):
         self.frame_embs = nn.Parameter(torch.randn(max_num_frames, dim)) if max_num_frames else None
         self.layers = nn.ModuleList([PerceiverBlock(dim, dim_head, heads, ff_mult) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim)
+        self.checkpointing = False  # activation checkpointing per block (training only)
 
     def forward(self, x: torch.Tensor, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
         """`frame_mask` (B, T, F): False on padding frames (media with fewer frames than F), which are ignored."""
@@ -75,8 +77,12 @@ class PerceiverResampler(nn.Module):
         x = x.reshape(B, T, F * N, D)
         token_mask = None if frame_mask is None else frame_mask.repeat_interleave(N, dim=-1)
         latents = self.latents.expand(B, T, *self.latents.shape)
+        ckpt = self.checkpointing and self.training and torch.is_grad_enabled()
         for block in self.layers:
-            latents = block(x, latents, token_mask)
+            if ckpt:
+                latents = checkpoint(block, x, latents, token_mask, use_reentrant=False)
+            else:
+                latents = block(x, latents, token_mask)
         return self.norm(latents)
 
 
@@ -88,6 +94,8 @@ class MaskedCrossAttention(nn.Module):
         self.heads, self.dim_head = heads, dim_head
         self.only_immediate = only_immediate  # False: OpenFlamingo's variant, every media up to text_time
         self.fused = False  # set by the Otter model (config.fused_xattn): the Triton kernel on CUDA tensors
+        # True: the (B, S, M*L) mask over every media of the row (the reference the runs path is tested against)
+        self.dense_reference = False
         inner = dim_head * heads
         self.norm = nn.LayerNorm(dim)
         self.to_q = nn.Linear(dim, inner, bias=False)
@@ -112,6 +120,8 @@ class MaskedCrossAttention(nn.Module):
         if fused and _fused_shape_ok(L, self.dim_head, B * self.heads):
             out = _fused_media_attention(q, k, v, text_time, M, L)
             return out.transpose(1, 2).reshape(B, S, -1)
+        if self.only_immediate and not self.dense_reference:
+            return media_runs_attention(q, k, v, text_time, M, L)
         media_of_key = torch.arange(M * L, device=x.device) // L + 1  # 1-based media index of each key
         if self.only_immediate:
             allowed = text_time[:, :, None] == media_of_key[None, None, :]  # (B, S, M*L)
@@ -124,6 +134,49 @@ class MaskedCrossAttention(nn.Module):
         allowed = allowed | ~has_media[:, :, None]
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None])
         return out.transpose(1, 2).reshape(B, S, -1) * has_media[:, :, None].to(out.dtype)
+
+
+def media_runs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_time: torch.Tensor, M: int,
+                         L: int) -> torch.Tensor:
+    """Each token attends to the L latents of the one media its text_time names, computed per media: no mask and no
+    score tensor over all the row's media (the dense path's (B, S, M*L) grows with the row length squared, since
+    a longer packed row holds more media).
+
+    q (B, H, S, d), k / v (B, H, M*L, d) -> (B, S, H*d). The tokens naming one media (a run: contiguous in the
+    loaders' rows, but any order works) are cut into chunks of C queries; every chunk attends to its media's L
+    keys in one batched SDPA call. Tokens naming no media (0, or beyond M) get exactly zero, as in the dense path.
+    """
+    B, H, S, d = q.shape
+    dv = v.shape[-1]
+    tt = text_time.reshape(-1)
+    tok = ((tt > 0) & (tt <= M)).nonzero().squeeze(1)
+    out = q.new_zeros(B * S, H, dv)
+    if tok.numel() == 0:
+        # no token names a media: zero, still a function of q, k and v, so every projection gets a (zero) gradient
+        # as on the dense path (ZeRO and the trainer expect a gradient for every trainable tensor, every step)
+        return (out + 0.0 * (q.sum() + k.sum() + v.sum())).view(B, S, H * dv)
+    C = max(16, min(128, L))  # chunk of queries per media read: about as many queries as keys
+    media = (tok // S) * M + tt[tok] - 1  # media slot in 0..B*M-1
+    media, order = torch.sort(media, stable=True)
+    tok = tok[order]
+    n = tok.numel()
+    new = torch.ones(n, dtype=torch.bool, device=q.device)
+    new[1:] = media[1:] != media[:-1]
+    run_start = new.nonzero().squeeze(1)
+    run = torch.cumsum(new.long(), 0) - 1
+    pos = torch.arange(n, device=q.device) - run_start[run]
+    run_len = torch.diff(torch.cat([run_start, run_start.new_tensor([n])]))
+    per_run = (run_len + C - 1) // C
+    chunk = (torch.cumsum(per_run, 0) - per_run)[run] + pos // C
+    slot = pos % C
+    chunk_media = media[run_start].repeat_interleave(per_run)
+    qf = q.transpose(1, 2).reshape(B * S, H, d)
+    qc = q.new_zeros(int(per_run.sum()), C, H, d).index_put((chunk, slot), qf[tok])
+    kc = k.view(B, H, M, L, d).transpose(1, 2).reshape(B * M, H, L, d)[chunk_media]
+    vc = v.view(B, H, M, L, dv).transpose(1, 2).reshape(B * M, H, L, dv)[chunk_media]
+    o = torch.nn.functional.scaled_dot_product_attention(qc.transpose(1, 2), kc, vc)  # (chunks, H, C, dv)
+    out = out.index_put((tok,), o.transpose(1, 2)[chunk, slot])
+    return out.view(B, S, H * dv)
 
 
 def _fused_ok(device: torch.device) -> bool:

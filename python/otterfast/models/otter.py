@@ -19,7 +19,7 @@ What differs from Otter, on purpose:
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
@@ -32,11 +32,12 @@ except ImportError:  # transformers 5.x before SubConfigSpec (e.g. 5.17, the GPU
     SubConfigSpec = None
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from torch.utils.checkpoint import checkpoint
+
+from . import attention
 from .flamingo import GatedCrossAttentionBlock, PerceiverResampler, text_time_from_ids
 from .lora import inject_lora, merge_lora_
-from .model_yaml import ModelYaml, from_yaml_dict
-from .otterhd import flatten_rows
-from .packing import additive_block_causal_mask
+from .packing import PackedLayout, additive_block_causal_mask, current_layout, flatten_rows, use_layout
 
 
 # ----------------------------------------------------------------------------------------------------------- config
@@ -108,7 +109,10 @@ class OtterLayer(nn.Module):
     """A decoder layer of the LM, with a gated cross-attention block before it on every n-th layer.
 
     Called exactly like the decoder layer it wraps (same arguments, same return value), so the LM's own forward
-    loop, caches and masks work unchanged.
+    loop, caches and masks work unchanged. With `checkpointing` (activation checkpointing, training only) the
+    block and the layer keep only their input and are recomputed in backward; what they read from the shared
+    conditioning and the packed layout is captured here and handed to the recomputation explicitly (both are
+    cleared when the forward returns, before backward runs).
     """
 
     def __init__(self, decoder_layer: nn.Module, gated_cross_attn_layer: GatedCrossAttentionBlock | None,
@@ -117,8 +121,10 @@ class OtterLayer(nn.Module):
         self.gated_cross_attn_layer = gated_cross_attn_layer
         self.decoder_layer = decoder_layer
         self._cond = conditioning  # a plain attribute: shared, not a submodule
+        self.checkpointing = False
 
     def forward(self, hidden_states, *args, **kwargs):
+        media = text_time = None
         if self.gated_cross_attn_layer is not None:
             media, text_time = self._cond.media, self._cond.text_time
             B, S = hidden_states.shape[:2]
@@ -126,8 +132,18 @@ class OtterLayer(nn.Module):
                 media = hidden_states.new_zeros(B, 0, 1, self.gated_cross_attn_layer.attn.to_kv.in_features)
             if text_time is None:
                 text_time = torch.zeros(B, S, dtype=torch.long, device=hidden_states.device)
-            hidden_states = self.gated_cross_attn_layer(hidden_states, media.to(hidden_states.dtype), text_time)
-        return self.decoder_layer(hidden_states, *args, **kwargs)
+            media = media.to(hidden_states.dtype)
+        layout = current_layout()
+        if self.checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(self._run, hidden_states, media, text_time, layout, *args, use_reentrant=False,
+                              **kwargs)
+        return self._run(hidden_states, media, text_time, layout, *args, **kwargs)
+
+    def _run(self, hidden_states, media, text_time, layout: PackedLayout | None, *args, **kwargs):
+        if self.gated_cross_attn_layer is not None:
+            hidden_states = self.gated_cross_attn_layer(hidden_states, media, text_time)
+        with use_layout(layout):
+            return self.decoder_layer(hidden_states, *args, **kwargs)
 
 
 _KNOWN_LAYER_PATHS = ("model.layers", "transformer.blocks", "transformer.h", "gpt_neox.layers", "model.decoder.layers")
@@ -241,6 +257,21 @@ class OtterForConditionalGeneration(OtterPreTrainedModel, GenerationMixin):
         if cfg.train_lang_encoder:
             self.lang_encoder.requires_grad_(True)
 
+    def set_activation_checkpointing(self, mode: str) -> None:
+        """`none`; `decoder`: every LM layer (with its cross-attention block) keeps only its input and is recomputed
+        in backward; `all`: also each perceiver block, and the CLIP encoder's layers when they train (frozen, CLIP
+        keeps no activations anyway)."""
+        if mode not in ("none", "decoder", "all"):
+            raise ValueError(f"activation checkpointing must be none, decoder or all, got {mode!r}")
+        for m in self.modules():
+            if isinstance(m, OtterLayer):
+                m.checkpointing = mode != "none"
+        self.perceiver.checkpointing = mode == "all"
+        if mode == "all":
+            self.vision_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        elif self.vision_encoder.is_gradient_checkpointing:
+            self.vision_encoder.gradient_checkpointing_disable()
+
     def _inject_lora(self, lora: dict) -> None:
         inject_lora(self.lang_encoder, **lora)
         self._lora_injected = True
@@ -305,12 +336,21 @@ class OtterForConditionalGeneration(OtterPreTrainedModel, GenerationMixin):
         if segment_ids is not None and not self.config.only_attend_immediate_media and bool((segment_ids > 0).any()):
             # the `>=` variant would let a packed sample attend to earlier samples' media (counts are per row)
             raise ValueError("packed rows need only_attend_immediate_media (Otter's setting); pack=False otherwise")
+        layout = None
         if segment_ids is not None and (attention_mask is None or attention_mask.dim() == 2):
-            if _uses_flash(self.lang_encoder) and position_ids is not None:
+            lm = self.lang_encoder
+            cached = cache is not None or kwargs.get("past_key_values") is not None
+            if attention.uses_flash(lm.config) and position_ids is not None:
                 # flash-attn varlen: transformers reads the samples' boundaries from the restarting position_ids
                 attention_mask = None
+            elif not cached and (attention.uses_packed(lm.config) or getattr(lm, "_otterfast_mpt_packed", False)):
+                # per-sample attention from the layout (models/attention.py): no (T, T) mask. MPT casts the mask
+                # it is given to bool before its (patched) attention ignores it: a 1-element placeholder.
+                layout = PackedLayout.from_segment_ids(segment_ids)
+                attention_mask = (segment_ids.new_zeros(1, 1, 1, 1, dtype=torch.bool)
+                                  if getattr(lm, "_otterfast_mpt_packed", False) else None)
             else:
-                attention_mask = additive_block_causal_mask(segment_ids, self.lang_encoder.dtype)
+                attention_mask = additive_block_causal_mask(segment_ids, lm.dtype)
         lm_kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=use_cache,
                          **kwargs)
         if cache is None and "past_key_values" in kwargs:  # the older name, as transformers' generate passes it
@@ -324,7 +364,8 @@ class OtterForConditionalGeneration(OtterPreTrainedModel, GenerationMixin):
             text_time = text_time + media_count_before.to(text_time.device).view(-1, 1)
         self._condition(media=media, text_time=text_time)
         try:
-            out = self.lang_encoder(**lm_kwargs)
+            with use_layout(layout):
+                out = self.lang_encoder(**lm_kwargs)
         finally:
             self._clear()
         return out
@@ -387,136 +428,6 @@ class OtterForConditionalGeneration(OtterPreTrainedModel, GenerationMixin):
         return args, kwargs
 
 
-# ------------------------------------------------------------------------------------- otterfast model config
-@dataclass
-class OtterModelConfig(ModelYaml):
-    """A model YAML of configs/models/ (architecture: otter).
-
-    `checkpoint`: a local Otter checkpoint folder (config.json + safetensors, e.g. a downloaded
-    luodian/OTTER-MPT7B-Init). Else a new Otter: `lang_encoder` (a local transformers causal-LM folder, or a
-    `.gguf` file) and `vision_encoder` (a local CLIP or CLIP-vision folder) give pretrained parts, as Otter's
-    -Init checkpoints were made; what is not given is randomly initialised from `otter`'s `text_config` /
-    `vision_config`; the Flamingo parts are always new (gates at 0). `otter`: OtterConfig fields.
-    `media_token_id` / `eoc_token_id` and the vocabulary come from the prepared index's tokenizer.
-    """
-
-    architecture: str = "otter"
-    checkpoint: str | None = None
-    lang_encoder: str | None = None
-    vision_encoder: str | None = None
-    otter: dict = field(default_factory=dict)
-    dtype: str = "float32"
-    # the LM's self-attention: "sdpa" (block-diagonal mask on packed rows), "flash_attention_2" (varlen; needs
-    # flash-attn, CUDA and an LM transformers runs with it, e.g. LLaMA), "eager", or "auto": flash-attn when it
-    # imports, CUDA is present and the LM supports it, else the LM's default
-    attn_implementation: str = "auto"
-
-    @classmethod
-    def from_dict(cls, doc: dict, where: str = "model config") -> "OtterModelConfig":
-        cfg = from_yaml_dict(cls, doc, where, "otter")
-        known = set(OtterConfig.__annotations__)
-        bad = sorted(set(cfg.otter) - known)
-        if bad:
-            raise ValueError(f"{where}: unknown otter key(s) {bad}; valid: {sorted(known)}")
-        return cfg
-
-
-def build_otter(cfg: OtterModelConfig, tok: dict) -> OtterForConditionalGeneration:
-    """From the local checkpoint or random init; the vocabulary grown to the tokenizer's when it is larger."""
-    import os
-
-    dtype = getattr(torch, cfg.dtype)
-    doc = dict(cfg.otter)
-    # LoRA goes in after the pretrained weights are loaded: injected first, it would move each adapted weight to
-    # `<name>.base_layer.weight`, where the checkpoint's tensor does not land (left randomly initialised).
-    lora = doc.pop("lora_config", None)
-    if cfg.checkpoint:
-        if not os.path.isdir(cfg.checkpoint):
-            raise FileNotFoundError(f"Otter checkpoint folder not found: {cfg.checkpoint} (a local copy is needed)")
-        if lora:
-            doc["lora_config"] = None
-        model = OtterForConditionalGeneration.from_pretrained(cfg.checkpoint, local_files_only=True, dtype=dtype,
-                                                              **doc)
-    else:
-        text = dict(doc.pop("text_config", {}) or {})
-        vision = dict(doc.pop("vision_config", {}) or {})
-        lm = clip = None
-        if cfg.lang_encoder:
-            lm = _load_pretrained_lm(cfg.lang_encoder, dtype)
-            text = {**lm.config.to_dict(), **text}
-        else:
-            text.setdefault("vocab_size", tok["vocab_size"])
-        if cfg.vision_encoder:
-            clip = CLIPVisionModel.from_pretrained(_local_dir(cfg.vision_encoder), local_files_only=True, dtype=dtype)
-            vision = {**clip.config.to_dict(), **vision}
-        conf = OtterConfig(text_config=text, vision_config=vision, **doc)
-        model = OtterForConditionalGeneration(conf).to(dtype)
-        if lm is not None:
-            load_lm_weights(model, lm.state_dict())
-        if clip is not None:
-            model.vision_encoder.load_state_dict(clip.state_dict())
-    _set_attn_implementation(model.lang_encoder, cfg.attn_implementation)
-    if model.config.media_token_id is None:
-        model.config.media_token_id = tok["media_id"]
-    if model.config.eoc_token_id is None:
-        model.config.eoc_token_id = tok.get("eoc_id")
-    if tok["vocab_size"] > model.lang_encoder.get_input_embeddings().weight.shape[0]:
-        model.lang_encoder.resize_token_embeddings(tok["vocab_size"])
-    if lora:
-        model.config.lora_config = dict(lora)
-    model.set_trainable()
-    return model
-
-
-def _uses_flash(lm: nn.Module) -> bool:
-    return str(getattr(lm.config, "_attn_implementation", "")).startswith("flash")
-
-
-def _set_attn_implementation(lm: nn.Module, requested: str) -> None:
-    from .otterhd import attn_implementation
-
-    if requested == "auto":
-        if attn_implementation("auto") != "flash_attention_2" or not getattr(lm, "_supports_flash_attn", False):
-            return  # keep the LM's default
-        requested = "flash_attention_2"
-    lm.set_attn_implementation(requested)
-
-
-def _local_dir(path: str) -> str:
-    import os
-
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: not found (a local copy is needed; nothing is downloaded)")
-    return path
-
-
-def _load_pretrained_lm(path: str, dtype):
-    """A transformers causal LM from a local folder, or from a .gguf file (dequantised by transformers)."""
-    import os
-
-    _local_dir(path)
-    if path.endswith(".gguf"):
-        return AutoModelForCausalLM.from_pretrained(os.path.dirname(path) or ".", gguf_file=os.path.basename(path),
-                                                    local_files_only=True, dtype=dtype)
-    return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
-
-
-def load_lm_weights(model: OtterForConditionalGeneration, state: dict) -> None:
-    """A plain LM's state dict into the wrapped LM: `<layers>.N.X` -> `<layers>.N.decoder_layer.X`; strict."""
-    prefix = model.decoder_layers_path + "."
-    mapped = {}
-    for k, v in state.items():
-        if k.startswith(prefix):
-            n, _, rest = k[len(prefix):].partition(".")
-            k = f"{prefix}{n}.decoder_layer.{rest}"
-        mapped[k] = v
-    missing, unexpected = model.lang_encoder.load_state_dict(mapped, strict=False)
-    missing = [k for k in missing if "gated_cross_attn_layer" not in k and "lora_" not in k]
-    if missing or unexpected:
-        raise ValueError(f"the pretrained LM does not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    model.lang_encoder.tie_weights()
-
-
 # ----------------------------------------------------------------------------------------- loader batches glue
 def dense_latents(latents: torch.Tensor, media_row: torch.Tensor, batch_size: int) -> torch.Tensor:
     """(n_media, L, D) in row order -> (B, M, L, D), each row's media first, zero-padded."""
@@ -549,7 +460,7 @@ def otter_inputs(model: OtterForConditionalGeneration, batch: dict, flatten: boo
         counts = torch.ones(1, dtype=torch.long, device=frames.device)
         rows = torch.zeros(1, dtype=torch.long, device=frames.device)
     latents = model.encode_media(frames, counts)
-    if flatten if flatten is not None else _uses_flash(model.lang_encoder):
+    if flatten if flatten is not None else attention.uses_flash(model.lang_encoder.config):
         # flash-attn varlen: the B rows as one row (see otterhd.flatten_rows); media in row order, so the
         # row-level media count continues across the joined rows
         flat = flatten_rows(batch, ("input_ids", "position_ids"))
@@ -566,41 +477,6 @@ def otter_forward(model: OtterForConditionalGeneration, batch: dict,
     out.logits = out.logits.view(*batch["input_ids"].shape, -1)
     return out
 
-
-def flops_per_token(model: OtterForConditionalGeneration, seq_len: int, media_per_token: float = 0.0) -> float:
-    """Training FLOPs per text token (forward + backward), for MFU.
-
-    LM and cross-attention: 6 FLOPs per trainable weight, 4 per frozen one (forward + the input gradient; no
-    weight gradient), plus 12 * layers * d * seq_len for self-attention scores and values (PaLM appendix B) and
-    12 * xattn_layers * inner * latents for cross-attention. Media (`media_per_token` images per text token):
-    the frozen CLIP forward 2 * N_clip * patches and the perceiver 6 * N_perceiver * latents per image. The input
-    embedding table is not counted (a lookup) unless it is tied to the output projection (MPT).
-    """
-    cfg = model.config
-    lm = model.lang_encoder
-    emb = lm.get_input_embeddings().weight
-    out_emb = lm.get_output_embeddings()
-    tied = out_emb is not None and out_emb.weight is emb
-    n_train = n_frozen = 0
-    for name, p in lm.named_parameters():
-        if p is emb and not tied:  # a lookup; tied (MPT), the same tensor is the output projection: counted
-            continue
-        if p.requires_grad:
-            n_train += p.numel()
-        else:
-            n_frozen += p.numel()
-    layers = lm.config.num_hidden_layers
-    n_xattn = sum(1 for m in model.modules() if isinstance(m, GatedCrossAttentionBlock))
-    L = cfg.perceiver_num_latents
-    per_token = 6.0 * n_train + 4.0 * n_frozen + 12.0 * layers * lm.config.hidden_size * seq_len
-    per_token += 12.0 * n_xattn * cfg.xattn_heads * cfg.xattn_dim_head * L
-    if media_per_token:
-        v = cfg.vision_config
-        patches = (v.image_size // v.patch_size) ** 2
-        n_clip = sum(p.numel() for p in model.vision_encoder.parameters())
-        n_perc = sum(p.numel() for p in model.perceiver.parameters())
-        per_token += media_per_token * (2.0 * n_clip * (patches + 1) + 6.0 * n_perc * L)
-    return per_token
 
 
 AutoConfig.register("otter", OtterConfig, exist_ok=True)

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import attention
 from .model_yaml import ModelYaml, from_yaml_dict
-from .packing import additive_block_causal_mask
+from .packing import PackedLayout, additive_block_causal_mask, flatten_rows, use_layout
 
 
 @dataclass
@@ -31,8 +32,9 @@ class OtterHDConfig(ModelYaml):
     train: str = "full"  # "full": every parameter (as Otter trains Fuyu); "lora": adapters only (+ lm_head's)
     lora: dict | None = None  # {r, lora_alpha, lora_dropout, target_modules}; default Otter's: r 64, alpha 32, ...
     dtype: str = "float32"
-    # "sdpa" (block-diagonal mask), "flash_attention_2" (varlen from the restarting position_ids; needs flash-attn
-    # and CUDA), "eager", or "auto": flash-attn when it is installed and CUDA is present, else sdpa.
+    # "auto" / "packed": per-sample attention, never T x T (flash-attn varlen when installed and on CUDA, else SDPA
+    # over groups of samples; models/attention.py); "sdpa": the dense block-diagonal mask (the reference);
+    # "flash_attention_2": transformers' own varlen path from the restarting position_ids; "eager".
     attn_implementation: str = "auto"
 
     @classmethod
@@ -40,8 +42,8 @@ class OtterHDConfig(ModelYaml):
         cfg = from_yaml_dict(cls, doc, where, "otterhd")
         if cfg.train not in ("full", "lora"):
             raise ValueError(f"{where}: train must be 'full' or 'lora', got {cfg.train!r}")
-        if cfg.attn_implementation not in ("auto", "sdpa", "flash_attention_2", "eager"):
-            raise ValueError(f"{where}: attn_implementation must be auto, sdpa, flash_attention_2 or eager")
+        if cfg.attn_implementation not in attention.IMPLEMENTATIONS:
+            raise ValueError(f"{where}: attn_implementation must be one of {', '.join(attention.IMPLEMENTATIONS)}")
         return cfg
 
 
@@ -50,22 +52,11 @@ OTTER_FUYU_LORA = {"r": 64, "lora_alpha": 32, "lora_dropout": 0.05,
                    "target_modules": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h", "lm_head"]}
 
 
-def attn_implementation(requested: str) -> str:
-    """`auto` -> flash_attention_2 when flash-attn imports and CUDA is present, else sdpa."""
-    if requested != "auto":
-        return requested
-    import importlib.util
-
-    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return "sdpa"
-
-
 def build_otterhd(cfg: OtterHDConfig, vocab_size: int | None = None, image_token_id: int | None = None):
     """A FuyuForCausalLM: from the local checkpoint, or randomly initialised from `text_config`."""
     from transformers import FuyuConfig, FuyuForCausalLM
 
-    impl = attn_implementation(cfg.attn_implementation)
+    impl = attention.resolve(cfg.attn_implementation)
     dtype = getattr(torch, cfg.dtype)
     if cfg.checkpoint:
         if not os.path.isdir(cfg.checkpoint):
@@ -109,22 +100,17 @@ def flops_per_token(model, seq_len: int) -> float:
     return n + 12.0 * text.num_hidden_layers * text.hidden_size * seq_len
 
 
-def uses_flash(model) -> bool:
-    return str(getattr(model.config, "_attn_implementation", "")).startswith("flash")
-
-
-def flatten_rows(batch: dict, keys: tuple[str, ...]) -> dict:
-    """A batch of B packed rows as one row of B*T tokens: flash-attn's varlen path (which transformers takes only
-    for a batch of one row, reading sample boundaries from the restarting position_ids). Segment ids are made
-    unique across rows, so masks and media counts never join the last sample of a row to the next row's first."""
-    out = dict(batch)
-    B, T = batch["input_ids"].shape
-    for k in keys:
-        out[k] = batch[k].reshape(1, B * T)
-    seg = batch["segment_ids"].long()
-    offset = torch.arange(B, device=seg.device)[:, None] * T
-    out["segment_ids"] = torch.where(seg >= 0, seg + offset, seg).reshape(1, B * T)
-    return out
+def set_activation_checkpointing(model, mode: str) -> None:
+    """`none`; `decoder` or `all` (the same here: the patch projection is one linear layer): every decoder layer
+    keeps only its input and is recomputed in backward (transformers' checkpointing, non-reentrant; the packed
+    layout travels in the layer's keyword arguments, so the recomputation sees it)."""
+    if mode not in ("none", "decoder", "all"):
+        raise ValueError(f"activation checkpointing must be none, decoder or all, got {mode!r}")
+    if mode == "none":
+        if model.is_gradient_checkpointing:
+            model.gradient_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def otterhd_inputs(batch: dict, model, flatten: bool | None = None) -> dict:
@@ -139,7 +125,8 @@ def otterhd_inputs(batch: dict, model, flatten: bool | None = None) -> dict:
     from the restarting `position_ids` and calls the varlen kernel (pads, at position 0, become one-token
     sequences with no loss). The flash path is not exercised here: flash-attn cannot be built on the CPU machines.
     """
-    flatten = uses_flash(model) if flatten is None else flatten
+    flash = attention.uses_flash(model.config)
+    flatten = flash if flatten is None else flatten
     if flatten:
         batch = flatten_rows(batch, ("input_ids", "position_ids", "labels", "image_patches_indices"))
     ids, pidx = batch["input_ids"], batch["image_patches_indices"]
@@ -154,9 +141,13 @@ def otterhd_inputs(batch: dict, model, flatten: bool | None = None) -> dict:
         emb = emb.index_put(sel.nonzero(as_tuple=True), feats[pidx[sel]])
     else:
         emb = emb + 0.0 * proj(emb.new_zeros(1, proj.in_features, dtype=proj.weight.dtype)).sum().to(emb.dtype)
-    mask = None if uses_flash(model) else additive_block_causal_mask(batch["segment_ids"], emb.dtype)
-    return {"inputs_embeds": emb, "position_ids": batch["position_ids"], "attention_mask": mask,
-            "labels": batch["labels"]}
+    inputs = {"inputs_embeds": emb, "position_ids": batch["position_ids"], "attention_mask": None,
+              "labels": batch["labels"]}
+    if attention.uses_packed(model.config):  # per-sample attention from the layout: no (T, T) mask
+        inputs["packed_layout"] = PackedLayout.from_segment_ids(batch["segment_ids"])
+    elif not flash:
+        inputs["attention_mask"] = additive_block_causal_mask(batch["segment_ids"], emb.dtype)
+    return inputs
 
 
 def otterhd_forward(model, batch: dict, flatten: bool | None = None, with_loss: bool = True):
@@ -165,6 +156,7 @@ def otterhd_forward(model, batch: dict, flatten: bool | None = None, with_loss: 
     inputs = otterhd_inputs(batch, model, flatten)
     if not with_loss:
         inputs.pop("labels")
-    out = model(**inputs)
+    with use_layout(inputs.get("packed_layout")):  # for the mask builder: no mask while packed
+        out = model(**inputs)
     out.logits = out.logits.view(*batch["input_ids"].shape, -1)
     return out
