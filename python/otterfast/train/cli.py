@@ -33,16 +33,13 @@ def cmd_plot(a) -> int:
 
 
 def cmd_bench_train(a) -> int:
-    import runpy
+    from ..source_tree import run_bench
 
-    from ..cli import _bench_script
-
-    mod = runpy.run_path(_bench_script("train.py"))
     argv = ["--samples", str(a.samples), "--rounds", str(a.rounds), "--json", a.json, "--model", a.model,
             "--capacity", str(a.capacity), "--batch-size", str(a.batch_size)]
     if a.data:
         argv += ["--data", a.data]
-    return mod["main"](argv)
+    return run_bench("train.py", argv)
 
 
 def register(sub, bench_sub=None) -> None:
