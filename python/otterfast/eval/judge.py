@@ -18,6 +18,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from ..config import check_keys
+
 JUDGE_KEYS = ("url", "model", "api_key", "api_key_env", "cache_dir", "max_attempts", "backoff_s", "max_backoff_s",
               "timeout_s", "temperature", "temperature_step", "max_tokens")
 
@@ -39,9 +41,7 @@ class JudgeConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "JudgeConfig":
-        bad = sorted(set(d) - set(JUDGE_KEYS))
-        if bad:
-            raise ValueError(f"judge: unknown key(s) {bad}; valid: {list(JUDGE_KEYS)}")
+        check_keys(d, JUDGE_KEYS, "judge")
         miss = [k for k in ("url", "model") if not d.get(k)]
         if miss:
             raise ValueError(f"judge: missing {miss}")

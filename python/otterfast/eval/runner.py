@@ -21,6 +21,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..config import ConfigError, check_keys, coerce, read_yaml
 from .judge import Judge, JudgeConfig
 from .model_api import DEFAULT_DECODE, GENERATOR_KEYS, MODEL_KINDS, ReplayModel, describe, load_eval_model
 from .predictions import read_predictions, write_line
@@ -38,19 +39,6 @@ DECODE_KEYS = ("max_new_tokens", "num_beams", "no_repeat_ngram_size", "do_sample
                "length_penalty", "repetition_penalty", "min_new_tokens", "early_stopping")
 
 
-class ConfigError(ValueError):
-    pass
-
-
-def _check_keys(d: Any, valid: tuple[str, ...], where: str) -> dict:
-    if not isinstance(d, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(d).__name__}")
-    bad = sorted(set(d) - set(valid))
-    if bad:
-        raise ConfigError(f"{where}: unknown key(s) {bad}; valid: {list(valid)}")
-    return d
-
-
 @dataclass
 class RunConfig:
     output: str
@@ -66,7 +54,7 @@ class RunConfig:
 def parse_config(cfg: dict, base_dir: str = ".") -> RunConfig:
     """Validate a config mapping; every unknown key is an error naming the valid ones."""
     cfg = copy.deepcopy(cfg)
-    _check_keys(cfg, TOP_KEYS, "config")
+    check_keys(cfg, TOP_KEYS, "config")
     for k in ("output", "models", "datasets"):
         if not cfg.get(k):
             raise ConfigError(f"config: `{k}` is required")
@@ -77,7 +65,7 @@ def parse_config(cfg: dict, base_dir: str = ".") -> RunConfig:
     names = set()
     for i, m in enumerate(cfg["models"]):
         where = f"models[{i}]"
-        _check_keys(m, MODEL_KEYS, where)
+        check_keys(m, MODEL_KEYS, where)
         if not m.get("name") or not m.get("kind"):
             raise ConfigError(f"{where}: `name` and `kind` are required")
         if m["kind"] not in MODEL_KINDS:
@@ -100,17 +88,19 @@ def parse_config(cfg: dict, base_dir: str = ".") -> RunConfig:
             except ValueError as e:
                 raise ConfigError(f"{where}: {e}") from e
         if m["kind"] in ("otter", "otterhd"):
-            _check_keys(m.get("options") or {}, GENERATOR_KEYS, f"{where}.options")
-        _check_keys(m.get("decode") or {}, DECODE_KEYS, f"{where}.decode")
+            check_keys(m.get("options") or {}, GENERATOR_KEYS, f"{where}.options")
+        check_keys(m.get("decode") or {}, DECODE_KEYS, f"{where}.decode")
     dnames = set()
     for i, d in enumerate(cfg["datasets"]):
         where = f"datasets[{i}]"
-        _check_keys(d, DATASET_KEYS, where)
+        check_keys(d, DATASET_KEYS, where)
         if not d.get("task") or not d.get("data"):
             raise ConfigError(f"{where}: `task` and `data` are required")
         if d["task"] not in TASKS:
             raise ConfigError(f"{where}: task {d['task']!r}; valid: {sorted(TASKS)}")
         d["data"] = path(d["data"])
+        if "limit" in d:
+            d["limit"] = coerce(d["limit"], int | None, f"{where}.limit")
         d.setdefault("name", d["task"])
         if d["name"] in dnames:
             raise ConfigError(f"{where}: dataset name {d['name']!r} used twice")
@@ -119,23 +109,20 @@ def parse_config(cfg: dict, base_dir: str = ".") -> RunConfig:
             get_task(d["task"]).resolve_options(d.get("options"))
         except ValueError as e:
             raise ConfigError(f"{where}: {e}") from e
-        _check_keys(d.get("decode") or {}, DECODE_KEYS, f"{where}.decode")
+        check_keys(d.get("decode") or {}, DECODE_KEYS, f"{where}.decode")
     if cfg.get("judge") is not None:
         try:
             JudgeConfig.from_dict(cfg["judge"])
         except (ValueError, TypeError) as e:
             raise ConfigError(str(e)) from e
-    return RunConfig(output=path(cfg["output"]), models=cfg["models"], datasets=cfg["datasets"],
-                     judge=cfg.get("judge"), limit=cfg.get("limit"), resume=bool(cfg.get("resume", True)),
-                     base_dir=base_dir, raw=cfg)
+    return RunConfig(output=path(coerce(cfg["output"], str, "output")), models=cfg["models"],
+                     datasets=cfg["datasets"], judge=cfg.get("judge"),
+                     limit=coerce(cfg.get("limit"), int | None, "limit"),
+                     resume=coerce(cfg.get("resume", True), bool, "resume"), base_dir=base_dir, raw=cfg)
 
 
 def load_config(path: str) -> RunConfig:
-    import yaml
-
-    with open(path, encoding="utf-8") as f:
-        cfg = yaml.safe_load(f) or {}
-    return parse_config(cfg, os.path.dirname(os.path.abspath(path)))
+    return parse_config(read_yaml(path) or {}, os.path.dirname(os.path.abspath(path)))
 
 
 def _judge(rc: RunConfig) -> Judge | None:

@@ -27,6 +27,7 @@ import sys
 import numpy as np
 import torch
 
+from ..config import check_keys
 from ..data import images as imgs
 from ..data.prompts import EOU, IMAGE
 from ..data.tokenizer import load_tokenizer
@@ -227,10 +228,8 @@ class Generator:
 
 def load_eval_model(spec: dict) -> Generator:
     """An eval runner's model spec {kind: otter|otterhd, path, tokenizer?, device?, dtype?, template?, ...}."""
-    valid = {"kind", "path", "tokenizer", "device", "dtype", "template", "image_transform", "name"}
-    unknown = sorted(set(spec) - valid)
-    if unknown:
-        raise ValueError(f"model spec: unknown key(s) {unknown}; valid: {sorted(valid)}")
+    check_keys(spec, sorted({"kind", "path", "tokenizer", "device", "dtype", "template", "image_transform", "name"}),
+               "model spec")
     g = Generator(spec["path"], tokenizer=spec.get("tokenizer"), device=spec.get("device", "cpu"),
                   dtype=spec.get("dtype"), image_transform=spec.get("image_transform"),
                   template=spec.get("template"))

@@ -12,19 +12,17 @@ in (the repository root for the shipped configs), as in litgpt and axolotl.
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
-from typing import Any, Union
+from functools import partial
+from typing import Any
 
 import yaml
 
+from ..config import ConfigError, Rules, build, load_document, parse_overrides
 from ..data.batching import LoaderConfig
 from ..data.prepare import PrepareOptions
 
-
-class ConfigError(ValueError):
-    """A config problem, with the key path that caused it."""
+__all__ = ["ConfigError", "TrainConfig", "dump", "load_config", "parse_overrides", "to_dict", "validate"]
 
 
 @dataclass
@@ -106,162 +104,27 @@ _TRAINER_LOADER_KEYS = {"seed": "the top-level `seed`", "rank": "the launcher (R
                         "world_size": "the launcher (WORLD_SIZE)"}
 
 
-# ---- generic typed loading ----------------------------------------------------------------------------
+# ---- loading: the typed loader of otterfast/config.py, with this schema's exceptions ------------------------
 
-def _hints(cls) -> dict:
-    import sys
-
-    return typing.get_type_hints(cls, vars(sys.modules[cls.__module__]))
-
-
-def _type_name(t) -> str:
-    if t is type(None):
-        return "null"
-    args = typing.get_args(t)
-    if typing.get_origin(t) in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in args)
-    return getattr(t, "__name__", str(t))
+def _adjust(cls, key: str, value: Any) -> Any:
+    if cls is TrainConfig and key == "resume" and isinstance(value, bool):
+        return "auto" if value else "off"  # YAML 1.1 reads a bare `off` / `on` as a boolean
+    return value
 
 
-def _coerce(value: Any, t, path: str):
-    """`value` (from YAML or a --set string already YAML-parsed) as type `t`, or a ConfigError."""
-    origin = typing.get_origin(t)
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(t)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, path)
-            except ConfigError as e:
-                errors.append(e)
-        raise ConfigError(f"{path}: expected {_type_name(t)}, got {value!r}")
-    if t is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{path}: expected true or false, got {value!r}")
-    if t is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{path}: expected an integer, got {value!r}")
-    if t is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{path}: expected a number, got {value!r}")
-    if t is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)  # e.g. resume: a numeric folder name
-        raise ConfigError(f"{path}: expected a string, got {value!r}")
-    if t is dict or origin is dict:
-        if isinstance(value, dict):
-            return value
-        raise ConfigError(f"{path}: expected a mapping, got {value!r}")
-    if t is list or origin is list:
-        if isinstance(value, (list, tuple)):
-            return list(value)
-        raise ConfigError(f"{path}: expected a list, got {value!r}")
-    if dataclasses.is_dataclass(t):
-        return _build(t, value, path)
-    raise ConfigError(f"{path}: unsupported type {t}")  # a schema bug, not a user error
-
-
-def _build(cls, doc: Any, path: str):
-    if doc is None:
-        doc = {}
-    if not isinstance(doc, dict):
-        raise ConfigError(f"{path or 'config'}: expected a mapping of keys, got {doc!r}")
-    hints = _hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for k, v in doc.items():
-        where = f"{path}.{k}" if path else str(k)
-        if cls is LoaderConfig and k in _TRAINER_LOADER_KEYS:
-            raise ConfigError(f"{where}: set by {_TRAINER_LOADER_KEYS[k]}, not in data.loader")
-        if k not in names:
-            valid = [n for n in names if not (cls is LoaderConfig and n in _TRAINER_LOADER_KEYS)]
-            import difflib
-
-            close = difflib.get_close_matches(str(k), valid, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"unknown key {where!r}{hint}; valid keys{' of ' + path if path else ''}: "
-                              f"{', '.join(valid)}")
-        if cls is TrainConfig and k == "resume" and isinstance(v, bool):
-            v = "auto" if v else "off"  # YAML 1.1 reads a bare `off` / `on` as a boolean
-        kwargs[k] = _coerce(v, hints[k], where)
-    if cls is LoaderConfig:
-        try:
-            return LoaderConfig.make(None, **kwargs)
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"{path}: {e}") from None
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as e:  # PrepareOptions validates in __post_init__
-        raise ConfigError(f"{path or 'config'}: {e}") from None
+_RULES = Rules(owned={LoaderConfig: _TRAINER_LOADER_KEYS}, make={LoaderConfig: partial(LoaderConfig.make, None)},
+               adjust=_adjust)
 
 
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def _set(doc: dict, dotted: str, raw: str) -> None:
-    """Apply one `a.b.c=value` override to the raw YAML dict (value parsed as YAML: numbers, bools, null)."""
-    keys = dotted.split(".")
-    if not all(keys):
-        raise ConfigError(f"--set {dotted}={raw}: empty key")
-    cur = doc
-    for k in keys[:-1]:
-        nxt = cur.get(k)
-        if nxt is None:
-            nxt = cur[k] = {}
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"--set {dotted}: {k!r} is not a section")
-        cur = nxt
-    try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        value = raw
-    cur[keys[-1]] = value
-
-
-def parse_overrides(overrides: list[str] | None) -> list[tuple[str, str]]:
-    out = []
-    for o in overrides or []:
-        if "=" not in o:
-            raise ConfigError(f"--set {o!r}: expected key.path=value")
-        k, v = o.split("=", 1)
-        out.append((k.strip(), v))
-    return out
-
-
 def load_config(src: str | dict | None, overrides: list[str] | None = None) -> TrainConfig:
     """A YAML path (or a dict) plus `key.path=value` overrides -> a validated TrainConfig."""
-    if isinstance(src, str):
-        with open(src) as f:
-            doc = yaml.safe_load(f) or {}
-        where = src
-    else:
-        doc, where = dict(src or {}), "config"
-    if not isinstance(doc, dict):
-        raise ConfigError(f"{where}: the top level must be a mapping of keys")
-    import copy
-
-    doc = copy.deepcopy(doc)
-    for k, v in parse_overrides(overrides):
-        _set(doc, k, v)
+    doc, where = load_document(src, overrides)
     try:
-        cfg = _build(TrainConfig, doc, "")
+        cfg = build(TrainConfig, doc, "", _RULES)
         validate(cfg)
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
