@@ -87,24 +87,69 @@ class Rendered:
     media_chars: list[int]  # per media, in order: char offset of its <image> (or of its turn, for fuyu)
 
 
+@dataclass(frozen=True)
+class Template:
+    """One prompt layout, for training (a turn with its answer, labelled) and inference (a query, unanswered).
+
+    A turn is `lead`, then `media` when it carries a media item, then `query` (with {q}), then `answer` (with
+    {a}; the labelled span), then `tail`. `media` holds the `<image>` (the media position) or is empty (Fuyu:
+    the model places the patches; the position is the turn's start)."""
+    family: str | None  # the models it is for: "otter" (<image> in the text), "fuyu" (patches), None (any)
+    query: str
+    answer: str
+    media: str = ""
+    lead: str = ""
+    tail: str = ""
+
+    def media_at(self) -> int:
+        """Offset of the media position within `media`."""
+        return self.media.find(IMAGE) if IMAGE in self.media else 0
+
+
+# Every prompt layout, by name (otterfast.generate and otterfast.eval use this table). The four training formats
+# (FORMATS: simple, llama2, idefics, fuyu) render training samples; every entry is an inference template (the
+# query part, the answer left to the model).
+TEMPLATES = {
+    # Otter's benchmarks and demos; the default for published Otter checkpoints
+    "otter-image": Template("otter", "User: {q} GPT:" + ANSWER, " {a}" + EOC, media=IMAGE),
+    "simple": Template("otter", "User:{q} GPT:" + ANSWER, "{a}" + EOC, media=IMAGE),
+    "llama2": Template("otter", "{q}[/INST]" + ANSWER, "{a}" + EOC, media=IMAGE + "\n", lead="[INST]"),
+    "idefics": Template("otter", "{q}" + EOU + "\nAssistant:" + ANSWER, "{a}" + EOU,
+                        media=FAKE_IMAGE + IMAGE + FAKE_IMAGE, lead="User:", tail="\n"),
+    # OtterHD's benchmarks; the default for Fuyu checkpoints
+    "otterhd": Template("fuyu", "User: {q} Assistant:" + FUYU_BOA, " {a}"),
+    "fuyu": Template("fuyu", "User:{q} Assistant:" + FUYU_BOA, " {a}"),
+    "raw": Template(None, "{q}", "{a}"),  # the prompt as given: no media text, no examples, nothing appended
+}
+
+
 def _pieces(fmt: str, t: Turn) -> list[tuple[str, str]]:
     """A turn as (kind, text) pieces; kind "label" marks the labelled span, "media" the <image>."""
-    I, A = t.instruction, t.answer
-    if fmt == "simple":
-        head = [("media", IMAGE)] if t.has_media else []
-        return head + [("text", f"User:{I} GPT:{ANSWER}"), ("label", f"{A}{EOC}")]
-    if fmt == "llama2":
-        head = [("text", "[INST]")] + ([("media", IMAGE), ("text", "\n")] if t.has_media else [])
-        return head + [("text", f"{I}[/INST]{ANSWER}"), ("label", f"{A}{EOC}")]
-    if fmt == "idefics":
-        head = [("text", "User:")]
-        if t.has_media:
-            head += [("text", FAKE_IMAGE), ("media", IMAGE), ("text", FAKE_IMAGE)]
-        return head + [("text", f"{I}{EOU}\nAssistant:{ANSWER}"), ("label", f"{A}{EOU}"), ("text", "\n")]
-    if fmt == "fuyu":
-        head = [("media", "")] if t.has_media else []
-        return head + [("text", f"User:{I} Assistant:{FUYU_BOA}"), ("label", f" {A}")]
-    raise ValueError(f"unknown prompt format {fmt!r}; valid: {', '.join(FORMATS)}")
+    tp = TEMPLATES[fmt]
+    out = [("text", tp.lead)]
+    if t.has_media:
+        at = tp.media_at()
+        out += [("text", tp.media[:at]), ("media", tp.media[at:])]
+    return out + [("text", tp.query.format(q=t.instruction)), ("label", tp.answer.format(a=t.answer)),
+                  ("text", tp.tail)]
+
+
+def prompt(template: str, query: str, examples: list[tuple[str, str]] = (), n_media: int = 1) -> str:
+    """An inference prompt: the in-context examples (question, answer), each with one media when `n_media`, then
+    the query with `n_media` media; it ends where the model's answer starts. `raw`: the query as given."""
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown template {template!r}; valid: {', '.join(TEMPLATES)}")
+    tp = TEMPLATES[template]
+    if template == "raw":
+        return query
+    shots = "".join(tp.lead + (tp.media if n_media else "") + tp.query.format(q=q) + tp.answer.format(a=a) + tp.tail
+                    for q, a in examples)
+    return shots + tp.lead + tp.media * n_media + tp.query.format(q=query)
+
+
+def answer_follows_space(template: str) -> bool:
+    """Whether the answer starts with a space after the prompt (`<answer> {a}`, `\\x04 {a}`) in that template."""
+    return TEMPLATES[template].answer.startswith(" ")
 
 
 def render(fmt: str, turns: list[Turn], task_description: str | None = None) -> Rendered:

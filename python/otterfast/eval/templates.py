@@ -1,8 +1,8 @@
-"""Prompt templates for models without their own (fake, replay, `external`), named as in otterfast.generate.
+"""Prompt templates for models without their own (fake, replay, `external`): data/prompts.py's TEMPLATES, the
+table otterfast.generate uses too, for one query without in-context examples (eval-reference 1.0, 2.1, 2.4).
 
 A model that has a `render(question, n_images)` method (the Otter/OtterHD adapter) templates its own prompts, so
-a checkpoint gets the template it was trained with; these strings match otterfast.generate.templates for one
-query without in-context examples (eval-reference 1.0, 2.1, 2.4):
+a checkpoint gets the template it was trained with. For example:
 
     otter-image  "<image>" * n + "User: {q} GPT:<answer>"     Otter's benchmarks (alias: otter)
     simple       "<image>" * n + "User:{q} GPT:<answer>"      Otter's/otterfast's training format
@@ -13,13 +13,9 @@ query without in-context examples (eval-reference 1.0, 2.1, 2.4):
 
 from __future__ import annotations
 
-IMAGE, ANSWER, BOA = "<image>", "<answer>", "\x04"
-TEMPLATES = ("otter-image", "simple", "otterhd", "fuyu", "raw")
+from ..data.prompts import TEMPLATES, answer_follows_space, prompt
+
 ALIASES = {"otter": "otter-image"}
-# Where the answer follows the prompt with a space in that format (`<answer> {a}`, `\x04 {a}`), a likelihood
-# option gets the same leading space.
-_SPACE_BEFORE_ANSWER = {"otter-image": True, "simple": False, "llama2": False, "otterhd": True, "fuyu": True,
-                        "raw": False}
 
 
 def canonical(template: str) -> str:
@@ -30,19 +26,11 @@ def canonical(template: str) -> str:
 
 
 def wrap(template: str, question: str, n_images: int) -> str:
-    t = canonical(template)
-    if t == "otter-image":
-        return IMAGE * n_images + f"User: {question} GPT:{ANSWER}"
-    if t == "simple":
-        return IMAGE * n_images + f"User:{question} GPT:{ANSWER}"
-    if t == "otterhd":
-        return f"User: {question} Assistant:{BOA}"
-    if t == "fuyu":
-        return f"User:{question} Assistant:{BOA}"
-    return question
+    return prompt(canonical(template), question, (), n_media=n_images)
 
 
 def continuation(template: str | None, option: str) -> str:
-    """A likelihood option as appended after the templated prompt."""
+    """A likelihood option as appended after the templated prompt: with a leading space where the template's
+    answer follows one (`<answer> {a}`, `\\x04 {a}`)."""
     t = ALIASES.get(template or "raw", template or "raw")
-    return (" " + option) if _SPACE_BEFORE_ANSWER.get(t, True) else option
+    return (" " + option) if t not in TEMPLATES or answer_follows_space(t) else option

@@ -100,9 +100,9 @@ class Generator:
         self.name = f"{self.kind}:{os.path.basename(os.path.normpath(path))}"
 
     def _check_template(self, template: str) -> None:
-        family = TEMPLATES[template][0] if template in TEMPLATES else "?"
         if template not in TEMPLATES:
             raise ValueError(f"unknown template {template!r}; valid: {', '.join(TEMPLATES)}")
+        family = TEMPLATES[template].family
         if family is not None and family != ("otter" if self.kind == "otter" else "fuyu"):
             raise ValueError(f"template {template!r} is for {family} models, this is {self.kind}")
 

@@ -1,4 +1,5 @@
-"""Prompt templates for inference, by name (eval-reference 2.1 and 2.4).
+"""Prompt templates for inference, by name (eval-reference 2.1 and 2.4): data/prompts.py's TEMPLATES, the one
+table of prompt layouts, which training renders too.
 
 Otter templates put one `<image>` per media, in-context examples first and the query last; OtterHD templates
 carry no image text (the patch tokens are placed before BOS by the model inputs) and end with the boa token.
@@ -15,46 +16,14 @@ carry no image text (the patch tokens are placed before BOS by the model inputs)
 
 from __future__ import annotations
 
-from ..data.prompts import ANSWER, EOC, EOU, FAKE_IMAGE, FUYU_BOA, IMAGE
+from ..data.prompts import FORMATS, TEMPLATES, prompt
 
-
-def _otter(q_fmt: str, a_fmt: str):
-    def render(query: str, examples: list[tuple[str, str]], with_image: bool) -> str:
-        img = IMAGE if with_image else ""
-        shots = "".join(img + q_fmt.format(q=q) + a_fmt.format(a=a) + EOC for q, a in examples)
-        return shots + img + q_fmt.format(q=query)
-    return render
-
-
-def _fuyu(q_fmt: str):
-    def render(query: str, examples: list[tuple[str, str]], with_image: bool) -> str:
-        shots = "".join(q_fmt.format(q=q) + FUYU_BOA + " " + a for q, a in examples)
-        return shots + q_fmt.format(q=query) + FUYU_BOA
-    return render
-
-
-TEMPLATES = {
-    "otter-image": ("otter", _otter("User: {q} GPT:" + ANSWER, " {a}")),
-    "simple": ("otter", _otter("User:{q} GPT:" + ANSWER, "{a}")),
-    "llama2": ("otter", _otter("[INST]{q}[/INST]" + ANSWER, "{a}")),
-    "idefics": ("otter", None),  # rendered in render(): the image sits inside the turn
-    "otterhd": ("fuyu", _fuyu("User: {q} Assistant:")),
-    "fuyu": ("fuyu", _fuyu("User:{q} Assistant:")),
-    "raw": (None, lambda query, examples, with_image: query),
-}
-# the format a model was trained with (otterfast's prepare --format) -> its inference template
-FROM_TRAINING_FORMAT = {"simple": "simple", "llama2": "llama2", "fuyu": "fuyu", "idefics": "idefics"}
+# the format a model was trained with (otterfast's prepare --format) -> its inference template (the same layout)
+FROM_TRAINING_FORMAT = {f: f for f in FORMATS}
 
 
 def render(template: str, query: str, examples: list[tuple[str, str]] = (), with_image: bool = True) -> str:
-    if template not in TEMPLATES:
-        raise ValueError(f"unknown template {template!r}; valid: {', '.join(TEMPLATES)}")
-    if template == "llama2":  # the image goes inside [INST], followed by a newline (training layout)
-        img = (IMAGE + "\n") if with_image else ""
-        shots = "".join(f"[INST]{img}{q}[/INST]{ANSWER}{a}{EOC}" for q, a in examples)
-        return shots + f"[INST]{img}{query}[/INST]{ANSWER}"
-    if template == "idefics":  # data/prompts.py's idefics turn; each closed by <end_of_utterance>\n
-        img = (FAKE_IMAGE + IMAGE + FAKE_IMAGE) if with_image else ""
-        shots = "".join(f"User:{img}{q}{EOU}\nAssistant:{ANSWER}{a}{EOU}\n" for q, a in examples)
-        return shots + f"User:{img}{query}{EOU}\nAssistant:{ANSWER}"
-    return TEMPLATES[template][1](query, list(examples), with_image)
+    return prompt(template, query, list(examples), n_media=1 if with_image else 0)
+
+
+__all__ = ["FROM_TRAINING_FORMAT", "TEMPLATES", "render"]
