@@ -37,19 +37,10 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-# HBM bandwidth (bytes/s) and dense bf16 peak (FLOP/s) by device name, from the vendors' data sheets.
-GPU_SPECS = [  # (substring of torch.cuda.get_device_name, HBM B/s, bf16 dense FLOP/s)
-    ("H200", 4.8e12, 989e12),
-    ("H100 NVL", 3.9e12, 835e12),
-    ("H100 PCIe", 2.0e12, 756e12),
-    ("H100", 3.35e12, 989e12),  # SXM (HBM3)
-    ("GH200", 4.0e12, 989e12),
-    ("A100-SXM4-80GB", 2.039e12, 312e12),
-    ("A100 80GB PCIe", 1.935e12, 312e12),
-    ("A100", 1.555e12, 312e12),
-    ("L40S", 0.864e12, 362e12),
-    ("A10G", 0.6e12, 70e12),
-]
+# HBM bandwidth and dense bf16 peak by device name: the package's one table (otterfast/gpu_specs.py, which
+# imports nothing, so a checkout without the package installed still runs this).
+sys.path.insert(0, os.path.join(HERE, os.pardir, "python"))
+from otterfast.gpu_specs import gpu_spec  # noqa: E402
 
 TARGETS = {"speedup_vs_eager": 3.0, "speedup_vs_flex": 1.5, "memory_reduction_vs_eager": 0.5, "hbm_fraction": 0.6}
 
@@ -458,11 +449,8 @@ def main(argv=None) -> int:
     os.makedirs(out_dir, exist_ok=True)
 
     gpu = torch.cuda.get_device_name() if cuda else "CPU (Triton interpreter, smoke)"
-    hbm = peak_flops = None
-    for key, bw, fl in GPU_SPECS:
-        if key in gpu:
-            hbm, peak_flops = bw, fl
-            break
+    spec = gpu_spec(gpu) if cuda else None
+    hbm, peak_flops = (spec[1], spec[0] * 1e12) if spec else (None, None)
     env = {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__,
            "cuda": torch.version.cuda, "python": sys.version.split()[0],
            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

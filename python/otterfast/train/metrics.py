@@ -15,12 +15,10 @@ import os
 import sys
 import time
 
-# Dense bf16 peak, TFLOP/s per device (vendor data sheets; no sparsity). Matched by substring of the CUDA name.
-PEAK_TFLOPS = {
-    "H200": 989.0, "H100 SXM": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 989.0, "GH200": 989.0,
-    "B200": 2250.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0, "L40": 181.0, "A10G": 70.0, "A10": 125.0,
-    "RTX 4090": 165.0, "RTX 3090": 71.0, "V100": 125.0,
-}
+from ..gpu_specs import GPU_SPECS, gpu_spec
+
+# Dense bf16 peak, TFLOP/s per device (gpu_specs.py, the one table). Matched by substring of the CUDA name.
+PEAK_TFLOPS = {key: tflops for key, tflops, _ in GPU_SPECS}
 
 
 def peak_tflops(device, configured: float | None) -> float | None:
@@ -30,11 +28,8 @@ def peak_tflops(device, configured: float | None) -> float | None:
         return None  # no meaningful peak for a CPU: MFU is GPU-only
     import torch
 
-    name = torch.cuda.get_device_name(device)
-    for key, v in PEAK_TFLOPS.items():
-        if key in name:
-            return v
-    return None
+    spec = gpu_spec(torch.cuda.get_device_name(device))
+    return spec[0] if spec else None
 
 
 def peak_memory_gb(device) -> float:
