@@ -1,4 +1,6 @@
-"""The four prompt formats exactly as Otter renders them, text cleaning, and Otter's loss rule.
+"""The prompt layouts, one table for training and inference (`TEMPLATES`: the four training formats exactly as
+Otter renders them, and the inference templates of otterfast.generate / otterfast.eval), text cleaning, and
+Otter's loss rule.
 
 A sample is a list of turns (context examples or earlier rounds first, the query last). Rendering
 returns the text plus, in characters, where every answer's labelled span lies and where each media

@@ -1,4 +1,8 @@
-"""Generation from a trained or published model folder: templates.py (prompts by name), generator.py (the model).
+"""Generation from a trained or published model folder.
+
+    generator.py   the Generator: loads an Otter or OtterHD folder once; replies, streaming, option log-likelihoods
+    templates.py   inference prompt templates by name (data/prompts.py's TEMPLATES)
+    cli.py         `otterfast generate`
 
 `Generator` and `load_eval_model` are imported on first use, so that `otterfast --help` does not import torch.
 """

@@ -1,0 +1,12 @@
+"""Training on DeepSpeed: `otterfast train CONFIG.yaml` (one process, torchrun, or the deepspeed launcher).
+
+    config.py           the training config: typed sections, `--set` overrides, validation (loaded by otterfast.config)
+    loop.py             the run: index, model, engine, then optimizer steps over the native loader's batches
+    deepspeed_setup.py  process environment, the DeepSpeed config, the engine
+    optim.py            parameter groups (weight decay) and the LR schedule
+    checkpoint.py       complete-or-absent checkpoints, resume, RNG state
+    metrics.py          per-step console line, metrics.jsonl, TensorBoard, wandb; MFU
+    export.py           the consolidated transformers export (ZeRO-3 gathered)
+    plot.py             loss and throughput curves (`otterfast plot`)
+    cli.py              `otterfast train`, `otterfast plot`, `otterfast bench train`
+"""
