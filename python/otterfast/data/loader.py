@@ -131,17 +131,19 @@ class NativeLoader(IterableDataset):
         self.epoch = epoch
         self._resume_at = 0
 
-    def plan(self) -> list[list[list[int]]]:
-        """This rank's batches for the current epoch (rust/pack.rs; equal to batching.plan_batches)."""
+    def plan(self, epoch: int | None = None) -> list[list[list[int]]]:
+        """This rank's batches for `epoch` (default: the current one; rust/pack.rs; equal to
+        batching.plan_batches). Token counts only: no pixels are read."""
         c = self.cfg
-        order = self.index.epoch_order(c.seed, self.epoch)
+        epoch = self.epoch if epoch is None else epoch
+        order = self.index.epoch_order(c.seed, epoch)
         lengths = self.index.num_tokens().astype(np.uint32).tolist()
         if not c.shuffle_batches:
             batches, self.dropped_batches = _native.plan_batches(
                 lengths, order, c.batch_size, c.pack, self.capacity, c.window, c.rank, c.world_size, c.even_batches)
             return batches
         everything, _ = _native.plan_batches(lengths, order, c.batch_size, c.pack, self.capacity, c.window, 0, 1, False)
-        mine, self.dropped_batches = shard_batches(shuffle_batches(everything, c.seed, self.epoch), c.rank,
+        mine, self.dropped_batches = shard_batches(shuffle_batches(everything, c.seed, epoch), c.rank,
                                                    c.world_size, c.even_batches)
         return mine
 

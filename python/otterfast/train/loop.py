@@ -18,14 +18,16 @@ whichever comes first when both are set). The LR schedule spans exactly the step
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import random
-import sys
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 FAULT_NAN = "OTTERFAST_TEST_NAN_AT_STEP"  # tests: make rank 0's loss NaN at this (1-based) optimizer step
 
@@ -52,31 +54,25 @@ def run(cfg, config_source: str | None = None) -> dict:
 
 # ---- pieces ---------------------------------------------------------------------------------------------
 
-def _loss_module(model):
+class LossModel(torch.nn.Module):
     """The engine's module: forward(batch) -> summed token loss (build.batch_loss), so that DeepSpeed's forward
     and backward hooks (ZeRO-3 gathering, gradient reduction) see a plain module call."""
-    import torch
 
-    from ..models.build import batch_loss
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
 
-    class LossModel(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.model = m
+    def forward(self, batch: dict) -> torch.Tensor:
+        from ..models.build import batch_loss
 
-        def forward(self, batch):
-            dtype = next(p.dtype for p in self.model.parameters() if p.is_floating_point())
-            batch = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}
-            loss_sum, _ = batch_loss(self.model, batch)
-            return loss_sum
-
-    return LossModel(model)
+        dtype = next(p.dtype for p in self.model.parameters() if p.is_floating_point())
+        batch = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}
+        loss_sum, _ = batch_loss(self.model, batch)
+        return loss_sum
 
 
 def _index_dir(cfg, rank: int) -> str:
     """The prepared index: data.index as is, or data.yaml prepared once (rank 0; the others wait)."""
-    import dataclasses
-
     import torch.distributed as dist
 
     d = cfg.data
@@ -105,8 +101,6 @@ def _index_dir(cfg, rank: int) -> str:
 
 
 def _seed_all(seed: int) -> None:
-    import torch
-
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -122,7 +116,6 @@ def _to_device(batch: dict, device) -> dict:
 
 
 def _allreduce(values: list[float], device):
-    import torch
     import torch.distributed as dist
 
     t = torch.tensor(values, dtype=torch.float64, device=device)
@@ -130,38 +123,172 @@ def _allreduce(values: list[float], device):
     return t.tolist()
 
 
-def _epoch_lengths(loader_cls, index, lcfg):
-    """epoch -> number of this rank's batches, from the plan (token counts only, no pixels)."""
-    counter = loader_cls(index, lcfg)
-    cache: dict[int, int] = {}
+# ---- set-up ---------------------------------------------------------------------------------------------
 
-    def n(epoch: int) -> int:
-        if epoch not in cache:
-            counter.epoch = epoch
-            cache[epoch] = len(counter.plan())
-        return cache[epoch]
+@dataclass
+class DataPlan:
+    """This rank's loader and the run's length: optimizer steps in all, warmup steps, batches per epoch."""
 
-    return n
+    loader: object  # NativeLoader
+    total: int
+    warmup: int
+    _lengths: dict = field(default_factory=dict)
+
+    def epoch_len(self, epoch: int) -> int:
+        """This rank's batches in `epoch`, from the loader's plan (token counts only, no pixels)."""
+        if epoch not in self._lengths:
+            self._lengths[epoch] = len(self.loader.plan(epoch))
+        return self._lengths[epoch]
+
+
+def setup_data(cfg, index, index_dir: str, rank: int, world: int) -> DataPlan:
+    from ..data.loader import NativeLoader
+    from .optim import warmup_steps
+
+    from ..data.batching import LoaderConfig
+
+    lcfg = LoaderConfig.make(cfg.data.loader, seed=cfg.seed, rank=rank, world_size=world)
+    if world > 1 and not lcfg.even_batches:
+        # uneven batch counts give the ranks different step counts: the last collective would wait forever
+        raise ValueError("data.loader.even_batches: false needs a single rank (with several, every rank must run "
+                         "the same number of steps)")
+    plan = DataPlan(NativeLoader(index, lcfg), 0, 0)
+    ga = cfg.grad_accum
+    by_epochs = None
+    if cfg.epochs is not None:
+        batches = sum(plan.epoch_len(e) for e in range(cfg.epochs))
+        by_epochs = batches // ga
+        if by_epochs < 1:
+            raise ValueError(f"{cfg.epochs} epoch(s) give {batches} batches per rank, fewer than grad_accum {ga}")
+    if plan.epoch_len(0) == 0:
+        raise ValueError(f"{index_dir}: no batches for {world} rank(s) (too little data for the batch size)")
+    plan.total = min(x for x in (cfg.max_steps, by_epochs) if x is not None)
+    plan.warmup = warmup_steps(plan.total, cfg.schedule.warmup_steps, cfg.schedule.warmup_ratio)
+    return plan
+
+
+def setup_model(cfg, index, precision: str):
+    """The model (same initialisation on every rank), activation checkpointing set, and its FLOPs per token as
+    (a, b) of a + b * L (None when the model has no estimate)."""
+    from ..models.build import build_model, flops_per_token, load_model_config, set_activation_checkpointing
+
+    _seed_all(cfg.seed)
+    mcfg = load_model_config(cfg.model.config or cfg.model.inline)
+    arch = mcfg.architecture
+    if (arch == "otterhd") != (index.format == "fuyu"):
+        raise ValueError(f"model architecture {arch} does not fit index format {index.format!r} "
+                         "(otterhd needs --format fuyu; otter needs simple/llama2/idefics)")
+    model = build_model(mcfg, index.tok)
+    if precision == "fp32":
+        model = model.float()
+    model.train()
+    set_activation_checkpointing(model, cfg.model.activation_checkpointing)
+    try:  # FLOPs per token are linear in the sequence length: a + b * L; measured once, before partitioning
+        f0 = float(flops_per_token(model, 0))
+        flops = (f0, float(flops_per_token(model, 1)) - f0)
+    except Exception:  # a model without an estimate: no MFU
+        flops = None
+    return model, arch, flops
+
+
+def setup_engine(cfg, model, plan: DataPlan, precision: str, world: int, device):
+    from .deepspeed_setup import ds_config, make_engine
+    from .optim import make_scheduler, param_groups
+
+    groups, counts = param_groups(model, cfg.optim.weight_decay, cfg.optim.decay_embeddings)
+    s = cfg.schedule
+
+    def scheduler_fn(opt):
+        return make_scheduler(opt, plan.total, plan.warmup, s.name, s.min_lr_ratio)
+
+    ds = ds_config(cfg, precision, plan.loader.cfg.batch_size, world)
+    return make_engine(LossModel(model), groups, cfg, ds, scheduler_fn, device), counts
+
+
+# ---- one optimizer step ---------------------------------------------------------------------------------
+
+@dataclass
+class StepResult:
+    loss: float  # token mean over the step (all micro-batches, all ranks)
+    local_loss_sum: float
+    labelled: float
+    tokens: float  # non-pad tokens, all ranks
+    slots: float
+    samples: float
+    finite: bool
+
+
+def train_step(engine, micro: list[dict], device, world: int, nan_now: bool) -> StepResult:
+    """Forward and backward of the step's micro-batches, each weighted so that every labelled token of the step
+    weighs the same (the module docstring); the optimizer step itself is the caller's (after the NaN check)."""
+    local = [0.0, 0.0, 0.0, 0.0]  # labelled tokens, non-pad tokens, token slots, samples
+    for b in micro:
+        local[0] += float((b["labels"][:, 1:] != -100).sum())
+        local[1] += float(b["attention_mask"].sum())
+        local[2] += float(b["attention_mask"].size)
+        local[3] += float(len(b["sample_index"]))
+    n_lab, n_tok, n_slots, n_samples = _allreduce(local, device)
+    scale = world / max(n_lab, 1.0)
+    loss_local = torch.zeros((), dtype=torch.float64, device=device)
+    for i, b in enumerate(micro):
+        loss_sum = engine(_to_device(b, device))
+        if nan_now and i == 0:
+            loss_sum = loss_sum * float("nan")
+        loss_local += loss_sum.detach().double()
+        engine.backward(loss_sum * scale, scale_wrt_gas=False)
+        if i < len(micro) - 1:
+            engine.step()  # not a boundary: DeepSpeed only counts the micro-step
+    local_sum = float(loss_local)
+    loss_total, bad = _allreduce([local_sum, 0.0 if math.isfinite(local_sum) else 1.0], device)
+    loss = loss_total / max(n_lab, 1.0)
+    return StepResult(loss, local_sum, n_lab, n_tok, n_slots, n_samples, not bad and math.isfinite(loss))
 
 
 # ---- the run --------------------------------------------------------------------------------------------
 
+class Run:
+    """What the loop carries from step to step, and the checkpoint it saves."""
+
+    def __init__(self, cfg, engine, plan: DataPlan, rank: int, world: int, precision: str, config_yaml: str, say):
+        self.cfg, self.engine, self.plan, self.rank, self.world = cfg, engine, plan, rank, world
+        self.precision = precision
+        self.config_yaml, self.say = config_yaml, say
+        self.step, self.tokens_seen, self.last_saved = 0, 0, None
+
+    def resume(self, path: str) -> None:
+        from . import checkpoint as ck
+
+        trainer, mine = ck.load(self.engine, path, self.rank, self.world)
+        self.plan.loader.load_state_dict(mine["loader"])
+        ck.set_rng_state(mine["rng"])
+        self.step, self.tokens_seen, self.last_saved = trainer["step"], trainer["tokens_seen"], trainer["step"]
+        self.say(f"resumed from {path}: step {self.step}, loader {mine['loader']}")
+
+    def save(self, at_step: int, loader_state: dict, rng: dict) -> str:
+        from . import checkpoint as ck
+
+        trainer = {"step": at_step, "world_size": self.world, "tokens_seen": self.tokens_seen,
+                   "total_steps": self.plan.total, "loader": loader_state, "time": time.time()}
+        path = ck.save(self.engine, self.cfg.output_dir, at_step, self.rank, {"loader": loader_state, "rng": rng},
+                       trainer, self.config_yaml, self.cfg.keep_last)
+        self.last_saved = at_step
+        self.say(f"checkpoint {path}")
+        return path
+
+    def batches(self):
+        """Micro-batches across epoch boundaries, until the configured epochs end."""
+        loader = self.plan.loader
+        while True:
+            yield from loader
+            if self.cfg.epochs is not None and loader.epoch >= self.cfg.epochs:
+                return
+
+
 def _train(cfg, rank: int, world: int, device) -> dict:
-    import dataclasses
-
-    import torch
-    import torch.distributed as dist
-
-    from ..data.batching import LoaderConfig
     from ..data.index import PreparedIndex
-    from ..data.loader import NativeLoader
-    from ..models.build import build_model, flops_per_token, load_model_config
     from . import checkpoint as ck
-    from .config import dump, to_dict
-    from .deepspeed_setup import ds_config, local_grad_norm, make_engine, resolve_precision
-    from .export import export
-    from .metrics import Metrics, StepTimer, peak_memory_gb, peak_tflops
-    from .optim import make_scheduler, param_groups, warmup_steps
+    from .config import dump
+    from .deepspeed_setup import resolve_precision
 
     def say(msg):
         if rank == 0:
@@ -179,175 +306,106 @@ def _train(cfg, rank: int, world: int, device) -> dict:
         os.makedirs(out, exist_ok=True)
     index_dir = _index_dir(cfg, rank)
     index = PreparedIndex(index_dir)
-
-    # Model: identical initialisation on every rank (same seed), then a per-rank stream for dropout etc.
-    _seed_all(cfg.seed)
-    mcfg = load_model_config(cfg.model.config or cfg.model.inline)
-    arch = getattr(mcfg, "architecture", "?")
-    if (arch == "otterhd") != (index.format == "fuyu"):
-        raise ValueError(f"model architecture {arch} does not fit index format {index.format!r} "
-                         "(otterhd needs --format fuyu; otter needs simple/llama2/idefics)")
-    model = build_model(mcfg, index.tok)
-    if precision == "fp32":
-        model = model.float()
-    model.train()
-    try:  # FLOPs per token are linear in the sequence length: a + b * L; measured once, before partitioning
-        f0 = float(flops_per_token(model, 0))
-        f1 = float(flops_per_token(model, 1)) - f0
-    except Exception:  # a model without an estimate: no MFU
-        f0 = f1 = None
-    module = _loss_module(model)
-    groups, prep = param_groups(model, cfg.optim.weight_decay, cfg.optim.decay_embeddings)
-    say(f"model {arch}: {prep['trainable'] / 1e6:.2f}M trainable ({prep['decay'] / 1e6:.2f}M with weight decay), "
-        f"{prep['frozen'] / 1e6:.2f}M frozen; precision {precision}; ZeRO {cfg.deepspeed.zero_stage}; "
-        f"{world} rank(s) on {device.type}")
-
-    # Data and the schedule's length.
-    lfields = {f.name: getattr(cfg.data.loader, f.name) for f in dataclasses.fields(LoaderConfig)}
-    lcfg = LoaderConfig.make(None, **dict(lfields, seed=cfg.seed, rank=rank, world_size=world))
-    if world > 1 and not lcfg.even_batches:
-        # uneven batch counts give the ranks different step counts: the last collective would wait forever
-        raise ValueError("data.loader.even_batches: false needs a single rank (with several, every rank must run "
-                         "the same number of steps)")
-    loader = NativeLoader(index, lcfg)
-    epoch_len = _epoch_lengths(NativeLoader, index, lcfg)
-    ga = cfg.grad_accum
-    by_epochs = None
-    if cfg.epochs is not None:
-        by_epochs = sum(epoch_len(e) for e in range(cfg.epochs)) // ga
-        if by_epochs < 1:
-            raise ValueError(f"{cfg.epochs} epoch(s) give {sum(epoch_len(e) for e in range(cfg.epochs))} batches "
-                             f"per rank, fewer than grad_accum {ga}")
-    total = min(x for x in (cfg.max_steps, by_epochs) if x is not None)
-    if epoch_len(0) == 0:
-        raise ValueError(f"{index_dir}: no batches for {world} rank(s) (too little data for the batch size)")
-    warm = warmup_steps(total, cfg.schedule.warmup_steps, cfg.schedule.warmup_ratio)
-    s = cfg.schedule
-
-    def scheduler_fn(opt):
-        return make_scheduler(opt, total, warm, s.name, s.min_lr_ratio)
-
-    ds = ds_config(cfg, precision, lcfg.batch_size, world)
-    engine = make_engine(module, groups, cfg, ds, scheduler_fn, device)
-    stage = engine.zero_optimization_stage()
-
-    # Resume or start.
-    step, tokens_seen, last_saved = 0, 0, None
+    model, arch, flops = setup_model(cfg, index, precision)
+    plan = setup_data(cfg, index, index_dir, rank, world)
+    engine, counts = setup_engine(cfg, model, plan, precision, world, device)
+    say(f"model {arch}: {counts['trainable'] / 1e6:.2f}M trainable ({counts['decay'] / 1e6:.2f}M with weight decay), "
+        f"{counts['frozen'] / 1e6:.2f}M frozen; precision {precision}; ZeRO {cfg.deepspeed.zero_stage}; "
+        f"activation checkpointing {cfg.model.activation_checkpointing}; {world} rank(s) on {device.type}")
+    run = Run(cfg, engine, plan, rank, world, precision, dump(cfg), say)
     if resume_from:
-        trainer, mine = ck.load(engine, resume_from, rank, world)
-        loader.load_state_dict(mine["loader"])
-        ck.set_rng_state(mine["rng"])
-        step, tokens_seen, last_saved = trainer["step"], trainer["tokens_seen"], trainer["step"]
-        say(f"resumed from {resume_from}: step {step}, loader {mine['loader']}")
+        run.resume(resume_from)
     else:
         _seed_all(cfg.seed + 1 + rank)
-    config_yaml = dump(cfg)
     if rank == 0:
         with open(os.path.join(out, "config.yaml"), "w") as f:
-            f.write(config_yaml)
-    say(f"{total} optimizer steps ({ga} micro-batch(es) of {lcfg.batch_size} row(s) x {world} rank(s) each; "
-        f"{epoch_len(0)} batches per rank in epoch 0); warmup {warm}; schedule {s.name}; output {out}")
+            f.write(run.config_yaml)
+    lc = plan.loader.cfg
+    say(f"{plan.total} optimizer steps ({cfg.grad_accum} micro-batch(es) of {lc.batch_size} row(s) x {world} rank(s) "
+        f"each; {plan.epoch_len(0)} batches per rank in epoch 0); warmup {plan.warmup}; schedule {cfg.schedule.name}; "
+        f"output {out}")
+    summary = _loop(run, device, flops)
+    if summary["finished"] and cfg.export:
+        from .export import export
 
+        path = export(engine, model, out, index_dir, rank,
+                      meta={"format": index.format, "image_transform": lc.image_transform, "image_size": lc.image_size})
+        say(f"export (transformers, safetensors) {path}")
+        summary["export"] = os.path.join(out, "export")
+    say(f"done: step {run.step}/{plan.total}" + ("" if run.step >= plan.total else " (stopped early: stop_at_step)"))
+    return summary
+
+
+def _loop(run: Run, device, flops) -> dict:
+    """Optimizer steps until the end (or stop_at_step), one metrics line each, checkpoints as configured."""
+    from . import checkpoint as ck
+    from .config import to_dict
+    from .metrics import Metrics, StepTimer, peak_tflops
+
+    cfg, engine, plan, loader = run.cfg, run.engine, run.plan, run.plan.loader
+    # DeepSpeed reports no grad norm at stage 0 in fp32: computed here before the step
+    manual_gn = engine.zero_optimization_stage() == 0 and run.precision == "fp32"
     peak = peak_tflops(device, cfg.logging.peak_tflops)
-    metrics = Metrics(out, cfg, rank, total, step, to_dict(cfg))
-    stop_at = min(total, cfg.stop_at_step) if cfg.stop_at_step else total
-
-    def stream():
-        while True:
-            for b in loader:
-                yield b
-            if cfg.epochs is not None and loader.epoch >= cfg.epochs:
-                return
-
-    batches = stream()
-
-    def save(at_step, loader_state, rng):
-        nonlocal last_saved
-        trainer = {"step": at_step, "world_size": world, "tokens_seen": tokens_seen, "total_steps": total,
-                   "loader": loader_state, "time": time.time()}
-        path = ck.save(engine, out, at_step, rank, {"loader": loader_state, "rng": rng}, trainer, config_yaml,
-                       cfg.keep_last)
-        last_saved = at_step
-        say(f"checkpoint {path}")
-        return path
-
+    metrics = Metrics(cfg.output_dir, cfg, run.rank, plan.total, run.step, to_dict(cfg))
+    stop_at = min(plan.total, cfg.stop_at_step) if cfg.stop_at_step else plan.total
     fault_nan = int(os.environ.get(FAULT_NAN, "0") or 0)
-    timer = StepTimer()
-    summary = {"losses": [], "output_dir": out}
+    batches, timer = run.batches(), StepTimer()
+    summary = {"losses": [], "output_dir": cfg.output_dir}
     try:
-        while step < stop_at:
+        while run.step < stop_at:
             start_loader, start_rng = loader.state_dict(), ck.rng_state()
-            micro = []
-            for _ in range(ga):
-                b = next(batches, None)
-                if b is None:
-                    break
-                micro.append(b)
-            if len(micro) < ga:  # the last epoch ended inside a step: dropped (the schedule did not count it)
+            micro = [b for _, b in zip(range(cfg.grad_accum), batches)]  # range first: no batch taken beyond
+            if len(micro) < cfg.grad_accum:  # the last epoch ended inside a step: dropped (the schedule did not count it)
                 break
-            local = [0.0, 0.0, 0.0, 0.0]  # labelled tokens, non-pad tokens, token slots, samples
-            for b in micro:
-                local[0] += float((b["labels"][:, 1:] != -100).sum())
-                local[1] += float(b["attention_mask"].sum())
-                local[2] += float(b["attention_mask"].size)
-                local[3] += float(len(b["sample_index"]))
-            n_lab, n_tok, n_slots, n_samples = _allreduce(local, device)
-            scale = world / max(n_lab, 1.0)
-            loss_local = torch.zeros((), dtype=torch.float64, device=device)
-            for i, b in enumerate(micro):
-                loss_sum = engine(_to_device(b, device))
-                if fault_nan and step + 1 == fault_nan and rank == 0 and i == 0:
-                    loss_sum = loss_sum * float("nan")
-                loss_local += loss_sum.detach().double()
-                engine.backward(loss_sum * scale, scale_wrt_gas=False)
-                if i < ga - 1:
-                    engine.step()  # not a boundary: DeepSpeed only counts the micro-step
-            loss_total, bad = _allreduce([float(loss_local), 0.0 if math.isfinite(float(loss_local)) else 1.0],
-                                         device)
-            loss = loss_total / max(n_lab, 1.0)
-            if bad or not math.isfinite(loss):
-                _stop_on_nan(cfg, rank, step, micro, float(loss_local), out, save, last_saved, start_loader,
-                             start_rng, say)
-            manual_gn = local_grad_norm(engine.module) if stage == 0 and precision == "fp32" else None
+            nan_now = bool(fault_nan) and run.step + 1 == fault_nan and run.rank == 0
+            r = train_step(engine, micro, device, run.world, nan_now)
+            if not r.finite:
+                _stop_on_nan(cfg, run.rank, run.step, micro, r.local_loss_sum, cfg.output_dir, run.save,
+                             run.last_saved, start_loader, start_rng, run.say)
+            gn_manual = _local_grad_norm(engine) if manual_gn else None
             lr = float(engine.get_lr()[0])
             engine.step()
             gn = engine.get_global_grad_norm()
-            gn = manual_gn if gn is None else float(gn)
-            step += 1
-            tokens_seen += int(n_tok)
-            dt = timer.lap()
-            st = loader.state_dict()
-            n_ep = epoch_len(st["epoch"])
-            rec = {"step": step, "epoch": st["epoch"] + (st["batches"] / n_ep if n_ep else 0.0), "loss": loss,
-                   "grad_norm": gn, "lr": lr, "tokens_per_s": n_tok / dt, "samples_per_s": n_samples / dt,
-                   "padding": 1.0 - n_tok / max(n_slots, 1.0), "labelled_tokens": int(n_lab), "tokens": int(n_tok),
-                   "tokens_seen": tokens_seen, "step_s": dt, "peak_mem_gb": peak_memory_gb(device), "mfu": None}
-            if f0 is not None and peak and n_samples:
-                mean_len = n_tok / n_samples
-                rec["mfu"] = (f0 + f1 * mean_len) * (n_tok / dt / world) / (peak * 1e12)
-            metrics.log(rec)
-            summary["losses"].append(loss)
+            gn = gn_manual if gn is None else float(gn)
+            run.step += 1
+            run.tokens_seen += int(r.tokens)
+            metrics.log(_record(run, r, gn, lr, timer.lap(), loader.state_dict(), flops, peak, device))
+            summary["losses"].append(r.loss)
             if gn is not None and not math.isfinite(gn):
                 raise TrainingStopped(
-                    f"gradient norm is {gn} at step {step} (loss {loss:.4f} was finite): the update is applied and "
-                    f"the weights are no longer trustworthy; resume from the last checkpoint "
-                    f"({'step_' + str(last_saved) if last_saved else 'none'}) with a lower lr or more clipping")
-            if cfg.save_every and step % cfg.save_every == 0 and step < stop_at:
-                save(step, loader.state_dict(), ck.rng_state())
+                    f"gradient norm is {gn} at step {run.step} (loss {r.loss:.4f} was finite): the update is applied "
+                    f"and the weights are no longer trustworthy; resume from the last checkpoint "
+                    f"({'step_' + str(run.last_saved) if run.last_saved else 'none'}) with a lower lr or more clipping")
+            if cfg.save_every and run.step % cfg.save_every == 0 and run.step < stop_at:
+                run.save(run.step, loader.state_dict(), ck.rng_state())
             timer.lap()  # saving is not training time
-        if last_saved != step and step > 0:
-            save(step, loader.state_dict(), ck.rng_state())
-        summary.update(step=step, total_steps=total, finished=step >= total)
-        if step >= total and cfg.export:
-            path = export(engine, model, out, index_dir, rank,
-                          meta={"format": index.format, "image_transform": lcfg.image_transform,
-                                "image_size": lcfg.image_size})
-            say(f"export (transformers, safetensors) {path}")
-            summary["export"] = os.path.join(out, "export")
+        if run.last_saved != run.step and run.step > 0:
+            run.save(run.step, loader.state_dict(), ck.rng_state())
+        summary.update(step=run.step, total_steps=plan.total, finished=run.step >= plan.total)
     finally:
         metrics.close()
-    say(f"done: step {step}/{total}" + ("" if step >= total else " (stopped early: stop_at_step)"))
     return summary
+
+
+def _local_grad_norm(engine):
+    from .deepspeed_setup import local_grad_norm
+
+    return local_grad_norm(engine.module)
+
+
+def _record(run: Run, r: StepResult, gn, lr: float, dt: float, st: dict, flops, peak, device) -> dict:
+    """One metrics line."""
+    from .metrics import peak_memory_gb
+
+    n_ep = run.plan.epoch_len(st["epoch"])
+    rec = {"step": run.step, "epoch": st["epoch"] + (st["batches"] / n_ep if n_ep else 0.0), "loss": r.loss,
+           "grad_norm": gn, "lr": lr, "tokens_per_s": r.tokens / dt, "samples_per_s": r.samples / dt,
+           "padding": 1.0 - r.tokens / max(r.slots, 1.0), "labelled_tokens": int(r.labelled), "tokens": int(r.tokens),
+           "tokens_seen": run.tokens_seen, "step_s": dt, "peak_mem_gb": peak_memory_gb(device), "mfu": None}
+    if flops is not None and peak and r.samples:
+        mean_len = r.tokens / r.samples
+        rec["mfu"] = (flops[0] + flops[1] * mean_len) * (r.tokens / dt / run.world) / (peak * 1e12)
+    return rec
 
 
 def _stop_on_nan(cfg, rank, step, micro, local_loss, out, save, last_saved, start_loader, start_rng, say):
