@@ -53,17 +53,21 @@ def uses_packed(config) -> bool:
 
 # ------------------------------------------------------------------------------------------- the computation
 def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackedLayout, scale: float,
-                     dropout: float = 0.0, bias: torch.Tensor | None = None) -> torch.Tensor:
+                     dropout: float = 0.0, bias: torch.Tensor | None = None,
+                     use_flash: bool | None = None) -> torch.Tensor:
     """q (B, H, T, D), k / v (B, Hkv, T, D) -> (B, T, H, D): causal attention within each segment of `layout`.
 
     `bias` (H, 1, S) (MPT's ALiBi: a function of the key position only) is added to the scores, its last L
-    columns for a segment of length L."""
+    columns for a segment of length L. `use_flash` (default: when available, fp16/bf16, no bias): flash-attn's
+    varlen kernel instead of the SDPA groups."""
     B, H, T, D = q.shape
     if k.shape[1] != H:  # grouped-query attention
         k = k.repeat_interleave(H // k.shape[1], dim=1)
         v = v.repeat_interleave(H // v.shape[1], dim=1)
     qf, kf, vf = (x.transpose(1, 2).reshape(B * T, H, x.shape[-1]) for x in (q, k, v))
-    if bias is None and flash_attn_available(q.device) and q.dtype in (torch.float16, torch.bfloat16):
+    if use_flash is None:
+        use_flash = bias is None and flash_attn_available(q.device) and q.dtype in (torch.float16, torch.bfloat16)
+    if use_flash:
         from flash_attn import flash_attn_varlen_func
 
         m = layout.max_seqlen

@@ -135,6 +135,12 @@ class OtterLayer(nn.Module):
             media = media.to(hidden_states.dtype)
         layout = current_layout()
         if self.checkpointing and self.training and torch.is_grad_enabled():
+            # as transformers' own checkpointing: no KV cache (the recomputation would append to it a second time)
+            for name in ("cache", "past_key_values", "layer_past"):
+                if kwargs.get(name) is not None:
+                    kwargs[name] = None
+            if kwargs.get("use_cache"):
+                kwargs["use_cache"] = False
             return checkpoint(self._run, hidden_states, media, text_time, layout, *args, use_reentrant=False,
                               **kwargs)
         return self._run(hidden_states, media, text_time, layout, *args, **kwargs)
@@ -269,7 +275,7 @@ class OtterForConditionalGeneration(OtterPreTrainedModel, GenerationMixin):
         self.perceiver.checkpointing = mode == "all"
         if mode == "all":
             self.vision_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        elif self.vision_encoder.is_gradient_checkpointing:
+        else:
             self.vision_encoder.gradient_checkpointing_disable()
 
     def _inject_lora(self, lora: dict) -> None:
@@ -465,9 +471,11 @@ def otter_inputs(model: OtterForConditionalGeneration, batch: dict, flatten: boo
         # row-level media count continues across the joined rows
         flat = flatten_rows(batch, ("input_ids", "position_ids"))
         return {"input_ids": flat["input_ids"], "media": latents[None], "position_ids": flat["position_ids"],
-                "segment_ids": flat["segment_ids"]}
+                "segment_ids": flat["segment_ids"], "use_cache": False}
+    # use_cache False: a packed batch is never continued, and the LM would otherwise keep every layer's keys and
+    # values in a KV cache for nothing
     return {"input_ids": batch["input_ids"], "media": dense_latents(latents, rows, B),
-            "position_ids": batch["position_ids"], "segment_ids": batch["segment_ids"]}
+            "position_ids": batch["position_ids"], "segment_ids": batch["segment_ids"], "use_cache": False}
 
 
 def otter_forward(model: OtterForConditionalGeneration, batch: dict,

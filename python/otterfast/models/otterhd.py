@@ -107,8 +107,7 @@ def set_activation_checkpointing(model, mode: str) -> None:
     if mode not in ("none", "decoder", "all"):
         raise ValueError(f"activation checkpointing must be none, decoder or all, got {mode!r}")
     if mode == "none":
-        if model.is_gradient_checkpointing:
-            model.gradient_checkpointing_disable()
+        model.gradient_checkpointing_disable()
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
@@ -142,7 +141,7 @@ def otterhd_inputs(batch: dict, model, flatten: bool | None = None) -> dict:
     else:
         emb = emb + 0.0 * proj(emb.new_zeros(1, proj.in_features, dtype=proj.weight.dtype)).sum().to(emb.dtype)
     inputs = {"inputs_embeds": emb, "position_ids": batch["position_ids"], "attention_mask": None,
-              "labels": batch["labels"]}
+              "labels": batch["labels"], "use_cache": False}  # a packed batch is never continued: no KV cache
     if attention.uses_packed(model.config):  # per-sample attention from the layout: no (T, T) mask
         inputs["packed_layout"] = PackedLayout.from_segment_ids(batch["segment_ids"])
     elif not flash:
