@@ -1,18 +1,21 @@
-"""Training benchmark on the CPU: the same tiny model, (a) the native packed loader vs (b) Otter's path.
+"""Training benchmark on the CPU: the same tiny model fed (a) by otterfast's native packed loader and (b) by
+Otter's data path, run as Otter runs it, at equal cores.
 
-    otterfast bench train                       # demo dataset, tiny Otter (OtterHD: --model otterhd)
-    otterfast bench train --data DATA.yaml --json OUT.json
+    otterfast bench train                                   # tiny Otter, demo dataset, rows of 512/2048/8192
+    otterfast bench train --model otterhd                   # tiny OtterHD against pad-to-longest batches
+    otterfast bench train --capacities 2048 --json OUT.json
 
-(a) native: NativeLoader, packed rows of `--capacity` tokens (one row per step), decoding on its own threads
-    while the model computes.
-(b) Otter-style: Otter's data path (data/otter_style.py: every image table read whole into pandas, per sample
-    the text tokenized again, each image base64-decoded from the frame, PIL-decoded and resized in the training
-    process, 0 workers) and Otter's batches: `--batch-size` samples padded to the longest. For OtterHD, whose
-    Fuyu path has no Otter-style twin here, (b) is the native loader with pack=False (pad-to-longest batches of
-    `--batch-size`): the padding effect alone.
-Each step: packed forward (models/build.py batch_loss), backward of the token-mean loss, AdamW step. Every
-backend runs in its own process, rounds interleaved, medians reported. Measured after the first step:
-non-pad tokens/s, samples/s, padding fraction, the share of step time spent waiting for data, peak RSS.
+(a) native: NativeLoader, packed rows of each `--capacities` length (one row per step), decoding on its own
+    `--cores` threads while the model computes; packed attention (models/attention.py).
+(b) otter_style: a torch DataLoader with `--cores` worker processes (Otter's `--workers`), the model step in the
+    main process. Each worker runs Otter's per-sample work: the text tokenized again, and for Otter the images
+    from the image tables read whole into pandas (base64 + PIL + square bicubic resize: data/otter_style.py);
+    for OtterHD (no Otter-style Fuyu loader here) the reference loader's Fuyu patches in Python. Batches of
+    `--batch-size` samples padded to the longest (Otter's collate).
+Both: torch uses `--cores` threads in the main process (default: every core). Each step: forward
+(models/build.py batch_loss), backward of the token-mean loss, AdamW step. Every (backend, capacity) runs in its
+own process; rounds interleaved; medians reported. Measured after the first step: non-pad tokens/s, samples/s,
+padding, data wait, peak RSS (main process + the DataLoader workers' peaks: fork-shared pages count in each).
 Writes benches/results/train.json and train.md.
 """
 
@@ -21,88 +24,113 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from report import env_info, hwm_mb, write_report  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def hwm_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+class OtterStyleDataset:
+    """Map-style, one sample per item, as Otter's MimicitDataset: the text tokenized again per sample; pixels
+    decoded by the collate in the worker (Otter: pandas tables + base64 + PIL; OtterHD: reference patches)."""
 
-
-class OtterStyleBatches:
-    """Otter's data path in our batch layout: pixels from OtterStyleLoader (pandas + base64 + PIL, in this
-    process), the index's tokens and labels, batches of `batch_size` samples padded to the longest."""
-
-    def __init__(self, index, batch_size: int, seed: int = 0):
-        from otterfast.data.otter_style import OtterStyleLoader
+    def __init__(self, index_dir: str):
+        from otterfast.data.index import PreparedIndex
         from otterfast.data.reference import ReferenceLoader
 
-        self.os = OtterStyleLoader(index, batch_size=batch_size, seed=seed)
-        self.ref = ReferenceLoader(index, batch_size=batch_size, seed=seed, pack=False)
-        self.ref.pixels = self.os.load  # Otter's decode + square bicubic resize + normalise
-        self.index, self.batch_size, self.seed = self.os.index, batch_size, seed
+        self.index = PreparedIndex(index_dir)
+        self.ref = ReferenceLoader(self.index, batch_size=1, pack=False, seed=0)
+        self.tokenizer = self.index.tokenizer()
+        if self.index.format != "fuyu":
+            from otterfast.data.otter_style import OtterStyleLoader
 
-    def __iter__(self):
-        epoch = 0
-        while True:
-            order = self.index.epoch_order(self.seed, epoch)
-            for i in range(0, len(order) - self.batch_size + 1, self.batch_size):
-                rows = order[i : i + self.batch_size]
-                for r in rows:  # Otter tokenizes every sample's text again at every step
-                    self.os.tokenizer(self.index.sample(r).text, add_special_tokens=False)
-                yield self.ref.collate_rows([[r] for r in rows])
-            epoch += 1
+            self.otter = OtterStyleLoader(self.index, seed=0)  # every image table read whole, before the fork
+            self.ref.pixels = self.otter.load  # Otter's decode + square bicubic resize + normalise
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, row: int) -> int:
+        self.tokenizer(self.index.sample(row).text, add_special_tokens=False)  # Otter tokenizes at every step
+        return row
+
+    def collate(self, rows: list[int]) -> dict:
+        return self.ref.collate_rows([[r] for r in rows])
+
+
+def _children_hwm_mb() -> float:
+    """Sum of the peak RSS of this process's children (the DataLoader workers)."""
+    total = 0.0
+    try:
+        with open(f"/proc/self/task/{os.getpid()}/children") as f:
+            pids = f.read().split()
+    except OSError:
+        return 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                total += next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 1024
+        except (OSError, StopIteration):
+            pass
+    return total
+
+
+def make_batches(a, index_dir: str):
+    """An endless iterator of loader batches (numpy) for the worker's backend, and what it ran with."""
+    from otterfast.data.index import PreparedIndex
+    from otterfast.data.loader import NativeLoader
+
+    if a.worker == "native":
+        loader = NativeLoader(PreparedIndex(index_dir), batch_size=1, pack=True, capacity=a.capacity, seed=0,
+                              num_threads=a.cores)
+
+        def forever():
+            while True:
+                yield from loader
+
+        return forever(), {"threads": a.cores}
+    import torch
+
+    ds = OtterStyleDataset(index_dir)
+    order = [r for e in range(1000) for r in ds.index.epoch_order(0, e)]  # endless for any --samples
+    dl = torch.utils.data.DataLoader(ds, batch_size=a.batch_size, sampler=order, num_workers=a.cores,
+                                     collate_fn=ds.collate, persistent_workers=a.cores > 0, prefetch_factor=2
+                                     if a.cores > 0 else None)
+    return iter(dl), {"workers": a.cores}
 
 
 def worker(a) -> dict:
     import torch
 
     from otterfast.data.index import PreparedIndex
-    from otterfast.data.loader import NativeLoader
     from otterfast.data.reference import as_torch
     from otterfast.models.build import batch_loss, build_model, load_model_config
 
+    torch.set_num_threads(a.cores)
     idx = PreparedIndex(a.index)
     torch.manual_seed(0)
     model = build_model(load_model_config(a.model_config), idx.tok).float().train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     t0 = time.perf_counter()
-    if a.worker == "native":
-        loader = NativeLoader(idx, batch_size=1, pack=True, capacity=a.capacity, seed=0)
-    elif a.worker == "otter_style" and idx.format != "fuyu":
-        loader = OtterStyleBatches(idx, a.batch_size)
-    else:
-        loader = NativeLoader(idx, batch_size=a.batch_size, pack=False, seed=0)
-
-    def forever():
-        while True:
-            yield from loader
-
-    it = forever()
+    it, counts = make_batches(a, a.index)
     tokens = slots = samples = steps = 0
     wait = 0.0
-    first = None
-    t_start = None
+    first = t_start = None
     while samples < a.samples:
         t = time.perf_counter()
         b = next(it)
         dt_wait = time.perf_counter() - t
-        tb = as_torch(b)
-        loss_sum, n = batch_loss(model, tb)
+        loss_sum, n = batch_loss(model, as_torch(b))
         (loss_sum / max(n, 1)).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if first is None:  # the first step (construction, warm-up) is timed apart
+        if first is None:  # the first step (construction, warm-up, workers starting) is timed apart
             first = time.perf_counter() - t0
             t_start = time.perf_counter()
             continue
@@ -112,64 +140,65 @@ def worker(a) -> dict:
         slots += int(b["attention_mask"].size)
         samples += len(b["sample_index"])
     dt = time.perf_counter() - t_start
-    return {"backend": a.worker, "tokens_per_s": tokens / dt, "samples_per_s": samples / dt,
-            "steps_per_s": steps / dt, "padding": 1 - tokens / slots, "data_wait_share": wait / dt,
-            "peak_rss_mb": hwm_mb(), "first_step_s": first, "steps": steps, "samples": samples,
-            "tokens": tokens}
+    rss = hwm_mb() + _children_hwm_mb()
+    return {"backend": a.worker, "capacity": a.capacity if a.worker == "native" else None,
+            "batch_size": 1 if a.worker == "native" else a.batch_size, **counts, "torch_threads": a.cores,
+            "tokens_per_s": tokens / dt, "samples_per_s": samples / dt, "steps_per_s": steps / dt,
+            "padding": 1 - tokens / slots, "data_wait_share": wait / dt, "peak_rss_mb": rss, "first_step_s": first,
+            "steps": steps, "samples": samples, "tokens": tokens}
 
 
-def run_worker(backend: str, index: str, a) -> dict:
+def run_worker(backend: str, capacity: int, index: str, a) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", backend, "--index", index, "--model-config",
-           a.model_config, "--samples", str(a.samples), "--capacity", str(a.capacity),
-           "--batch-size", str(a.batch_size)]
+           a.model_config, "--samples", str(a.samples), "--capacity", str(capacity), "--batch-size",
+           str(a.batch_size), "--cores", str(a.cores)]
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if p.returncode:
-        raise RuntimeError(f"{backend} failed:\n{p.stderr[-3000:]}")
+        raise RuntimeError(f"{backend} (capacity {capacity}) failed:\n{p.stderr[-3000:]}")
     return json.loads(p.stdout.strip().splitlines()[-1])
-
-
-def env_info() -> dict:
-    import torch
-
-    model = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "")
-    except OSError:
-        pass
-    return {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(), "cpu": model,
-            "date": time.strftime("%Y-%m-%d")}
 
 
 def markdown(r: dict) -> str:
     e = r["env"]
-    b = "Otter-style: Otter's data path (pandas tables, base64 + PIL decode in the training process, 0 workers)" \
-        if r["format"] != "fuyu" else "pad-to-longest: the native loader with pack=False (no Otter-style Fuyu path)"
-    lines = [f"# training benchmark ({e['date']}, {e['cpus']} CPUs: {e['cpu']}; torch {e['torch']})", "",
-             f"Tiny {r['model']} ({r['model_config']}), fp32 on the CPU, AdamW, {r['samples']} samples measured per "
-             f"run after a first step; {r['data']}: {r['n_samples']} samples. native: packed rows of "
-             f"{r['capacity']} tokens, one per step. {b}, batches of {r['batch_size']} padded to the longest. "
-             f"Medians of {r['rounds']} interleaved rounds, each run in its own process.", "",
-             "| path | tokens/s | samples/s | steps/s | padding | data wait | peak RSS MB | first step s |",
-             "|---|---|---|---|---|---|---|---|"]
+    base = ("Otter's data path (image tables read whole into pandas, base64 + PIL + resize per sample)" if
+            r["format"] != "fuyu" else "the reference loader's Fuyu patches in Python (no Otter-style Fuyu path)")
+    lines = [f"# training benchmark: tiny {r['model']} ({e['date']}, {e['cpus']} CPUs: {e['cpu']}; torch {e.get('torch')})",
+             "", f"`{r['command']}`", "",
+             f"{r['model_config']}, fp32 on the CPU, AdamW, {r['samples']} samples measured per run after a first step; "
+             f"{r['data']}: {r['n_samples']} samples. **native**: packed rows of the given capacity, one per step, "
+             f"{r['cores']} loader threads. **otter_style**: a torch DataLoader with {r['cores']} worker processes "
+             f"running {base}, batches of {r['batch_size']} padded to the longest. Both: {r['cores']} torch threads "
+             f"for the model in the main process. Medians of {r['rounds']} interleaved rounds, each run in its own "
+             "process. Peak RSS: main process plus the workers' peaks.", "",
+             "| backend | capacity | threads / workers | tokens/s | samples/s | padding | data wait | peak RSS MB | first step s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for x in r["results"]:
-        lines.append(f"| {x['backend']} | {x['tokens_per_s']:.0f} | {x['samples_per_s']:.1f} | {x['steps_per_s']:.2f} "
-                     f"| {x['padding']:.1%} | {x['data_wait_share']:.0%} | {x['peak_rss_mb']:.0f} | "
-                     f"{x['first_step_s']:.2f} |")
-    lines += ["", f"**native / Otter-style: {r['ratio_tokens_per_s']:.2f}x tokens/s, "
-                  f"{r['ratio_samples_per_s']:.2f}x samples/s** (per-round ratios: "
-                  + ", ".join(f"{x:.2f}" for x in r["round_ratios"]) + ")", ""]
-    return "\n".join(lines)
+        cw = f"{x['threads']} threads" if "threads" in x else f"{x['workers']} workers"
+        lines.append(f"| {x['backend']} | {x['capacity'] or '-'} | {cw} | {x['tokens_per_s']:.0f} | "
+                     f"{x['samples_per_s']:.1f} | {x['padding']:.1%} | {x['data_wait_share']:.0%} | "
+                     f"{x['peak_rss_mb']:.0f} | {x['first_step_s']:.2f} |")
+    lines.append("")
+    for cap, v in r["ratios"].items():
+        lines.append(f"- native at {cap} / otter_style: **{v['tokens_per_s']:.2f}x tokens/s**, "
+                     f"{v['samples_per_s']:.2f}x samples/s (per round: "
+                     + ", ".join(f"{x:.2f}" for x in v["rounds"]) + ")")
+    if r.get("long_vs_short"):
+        s = r["long_vs_short"]
+        lines.append(f"- native tokens/s at {s['long']} / at {s['short']}: **{s['ratio']:.2f}**")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="otterfast bench train", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="auto", choices=["auto", "otter", "otterhd"])
+    ap.add_argument("--model", default="otter", choices=["otter", "otterhd"])
     ap.add_argument("--data", help="a dataset YAML (default: the demo dataset, built in a temp dir)")
     ap.add_argument("--samples", type=int, default=600, help="samples measured per run")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--capacity", type=int, default=2048)
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--capacities", default="512,2048,8192", help="native packed row lengths")
+    ap.add_argument("--capacity", type=int, help=argparse.SUPPRESS)  # one row length (the worker's; old flag)
+    ap.add_argument("--batch-size", type=int, default=8, help="otter_style: samples per padded batch")
+    ap.add_argument("--cores", type=int, default=os.cpu_count(),
+                    help="loader threads (native) = DataLoader workers (otter_style) = torch threads")
     ap.add_argument("--json", default="benches/results/train.json")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--index", help=argparse.SUPPRESS)
@@ -178,14 +207,14 @@ def main(argv=None) -> int:
     if a.worker:
         print(json.dumps(worker(a)))
         return 0
-    model = a.model
-    if model == "auto":
-        model = "otter" if os.path.exists(os.path.join(ROOT, "configs", "models", "otter-tiny.yaml")) else "otterhd"
-    a.model_config = os.path.join(ROOT, "configs", "models", f"{model}-tiny.yaml")
-    fmt = "simple" if model == "otter" else "fuyu"
+    caps = [a.capacity] if a.capacity else [int(x) for x in a.capacities.split(",")]
+    a.model_config = os.path.join(ROOT, "configs", "models", f"{a.model}-tiny.yaml")
+    fmt = "simple" if a.model == "otter" else "fuyu"
     from otterfast.data.index import PreparedIndex
     from otterfast.data.prepare import PrepareOptions, prepare
 
+    runs: dict[tuple, list] = {("otter_style", 0): []}
+    runs.update({("native", c): [] for c in caps})
     with tempfile.TemporaryDirectory() as tmp:
         data = a.data
         if not data:
@@ -195,36 +224,43 @@ def main(argv=None) -> int:
             data = os.path.join(tmp, "demo", "data.yaml")
         tok = os.path.join(os.path.dirname(os.path.abspath(data)), "tokenizer")
         index = os.path.join(tmp, "index")
-        prepare(data, tok, index, PrepareOptions(format=fmt, max_seq_len=min(2048, a.capacity), video_frames=8,
+        prepare(data, tok, index, PrepareOptions(format=fmt, max_seq_len=min(2048, min(caps)), video_frames=8,
                                                  with_task_description=True, on_error="skip"))
         n = len(PreparedIndex(index))
-        runs: dict[str, list] = {"native": [], "otter_style": []}
         order = list(runs)
         for r in range(a.rounds):
-            for b in (order if r % 2 == 0 else order[::-1]):
-                res = run_worker(b, index, a)
-                runs[b].append(res)
-                print(f"  round {r}: {b:<12} {res['tokens_per_s']:8.0f} tokens/s {res['samples_per_s']:7.1f} samples/s "
-                      f"padding {res['padding']:.1%} data wait {res['data_wait_share']:.0%}", flush=True)
+            for key in (order if r % 2 == 0 else order[::-1]):
+                res = run_worker(key[0], key[1], index, a)
+                runs[key].append(res)
+                print(f"  round {r}: {key[0]:<12} {key[1] or '':>5} {res['tokens_per_s']:8.0f} tokens/s "
+                      f"{res['samples_per_s']:7.1f} samples/s padding {res['padding']:.1%} "
+                      f"data wait {res['data_wait_share']:.0%} rss {res['peak_rss_mb']:.0f} MB", flush=True)
     results = []
-    for b, rs in runs.items():
-        med = {k: statistics.median(x[k] for x in rs) for k in rs[0] if isinstance(rs[0][k], (int, float))}
-        med["backend"] = b
+    for (b, cap), rs in runs.items():
+        med = {k: statistics.median(x[k] for x in rs) for k in rs[0]
+               if isinstance(rs[0][k], (int, float)) and not isinstance(rs[0][k], bool)}
+        med.update(backend=b, model=a.model, capacity=cap or None)
         results.append({k: round(v, 4) if isinstance(v, float) else v for k, v in med.items()})
-    nat, ots = results
-    report = {"model": model, "model_config": os.path.relpath(a.model_config, ROOT), "format": fmt,
-              "data": "demo dataset" if not a.data else a.data, "n_samples": n, "capacity": a.capacity,
-              "batch_size": a.batch_size, "samples": a.samples, "rounds": a.rounds, "env": env_info(),
-              "results": results, "ratio_tokens_per_s": nat["tokens_per_s"] / ots["tokens_per_s"],
-              "ratio_samples_per_s": nat["samples_per_s"] / ots["samples_per_s"],
-              "round_ratios": [x["tokens_per_s"] / y["tokens_per_s"] for x, y in zip(runs["native"], runs["otter_style"])]}
-    os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
-    with open(a.json, "w") as f:
-        json.dump(report, f, indent=1)
+    ots = runs[("otter_style", 0)]
+    ratios = {}
+    for c in caps:
+        nat = runs[("native", c)]
+        ratios[str(c)] = {
+            "tokens_per_s": statistics.median(x["tokens_per_s"] for x in nat) / statistics.median(x["tokens_per_s"] for x in ots),
+            "samples_per_s": statistics.median(x["samples_per_s"] for x in nat) / statistics.median(x["samples_per_s"] for x in ots),
+            "rounds": [x["tokens_per_s"] / y["tokens_per_s"] for x, y in zip(nat, ots)]}
+    long_short = None
+    if len(caps) > 1:
+        med = {c: statistics.median(x["tokens_per_s"] for x in runs[("native", c)]) for c in caps}
+        long_short = {"short": min(caps), "long": max(caps), "ratio": med[max(caps)] / med[min(caps)]}
+    cmd = "otterfast bench train " + " ".join(argv if argv is not None else sys.argv[1:])
+    report = {"command": cmd.strip(), "model": a.model, "model_config": os.path.relpath(a.model_config, ROOT),
+              "format": fmt, "data": "demo dataset" if not a.data else a.data, "n_samples": n, "capacities": caps,
+              "batch_size": a.batch_size, "cores": a.cores, "samples": a.samples, "rounds": a.rounds,
+              "env": env_info("torch", "transformers"), "results": results, "ratios": ratios,
+              "long_vs_short": long_short}
     md = markdown(report)
-    md_path = os.path.splitext(a.json)[0] + ".md"
-    with open(md_path, "w") as f:
-        f.write(md)
+    md_path = write_report(a.json, report, md)
     print(md)
     print(f"wrote {a.json} and {md_path}")
     return 0

@@ -36,7 +36,9 @@ def cmd_bench_train(a) -> int:
     from ..source_tree import run_bench
 
     argv = ["--samples", str(a.samples), "--rounds", str(a.rounds), "--json", a.json, "--model", a.model,
-            "--capacity", str(a.capacity), "--batch-size", str(a.batch_size)]
+            "--capacities", a.capacities, "--batch-size", str(a.batch_size)]
+    if a.cores:
+        argv += ["--cores", str(a.cores)]
     if a.data:
         argv += ["--data", a.data]
     return run_bench("train.py", argv)
@@ -59,14 +61,16 @@ def register(sub, bench_sub=None) -> None:
     x.set_defaults(func=cmd_plot)
 
     if bench_sub is not None:
-        x = bench_sub.add_parser("train", help="training tokens/s on the CPU: native packed loader vs Otter-style "
-                                 "pad-to-longest, same tiny model (benches/train.py)")
-        x.add_argument("--model", default="auto", choices=["auto", "otter", "otterhd"],
-                       help="tiny model (auto: Otter when configs/models/otter-tiny.yaml exists, else OtterHD)")
+        x = bench_sub.add_parser("train", help="training tokens/s on the CPU at equal cores: native packed loader "
+                                 "vs Otter's data path in DataLoader workers, same tiny model (benches/train.py)")
+        x.add_argument("--model", default="otter", choices=["otter", "otterhd"],
+                       help="tiny model (otterhd: against pad-to-longest batches of the reference Fuyu path)")
         x.add_argument("--data", default=None, help="a dataset YAML (default: the demo dataset, built in a temp dir)")
         x.add_argument("--samples", type=int, default=600, help="samples measured per run (after a first step)")
         x.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians reported)")
-        x.add_argument("--capacity", type=int, default=2048, help="packed row length (native)")
-        x.add_argument("--batch-size", type=int, default=8, help="Otter-style samples per batch")
+        x.add_argument("--capacities", default="512,2048,8192", help="packed row lengths (native), comma-separated")
+        x.add_argument("--batch-size", type=int, default=8, help="Otter-style samples per padded batch")
+        x.add_argument("--cores", type=int, default=None,
+                       help="loader threads = DataLoader workers = torch threads (default: every core)")
         x.add_argument("--json", default="benches/results/train.json")
         x.set_defaults(func=cmd_bench_train)
