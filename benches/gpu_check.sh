@@ -91,21 +91,18 @@ timeout 110 "$PY" benches/train_gpu.py --json "$OUT/train_gpu.json" "${TRAIN_ARG
 TRAIN_RC=${PIPESTATUS[0]}
 echo "training benchmark exit code: $TRAIN_RC; total $(( $(date +%s) - T0 )) s" | tee -a "$OUT/train_gpu.log"
 
-# 4. packed attention: varlen / grouped SDPA against the dense mask
-echo "== packed attention"
-timeout 40 "$PY" benches/packed_attention.py --json "$RAW/packed_attention.json" "${PACKED_ARGS[@]}" \
-    > "$RAW/packed_attention.log" 2>&1
-PACKED_RC=$?
-tail -20 "$RAW/packed_attention.log"
-echo "packed attention exit code: $PACKED_RC; total $(( $(date +%s) - T0 )) s"
-
-# 5. activation checkpointing: peak memory and step time per mode
-echo "== activation checkpointing"
-timeout 75 "$PY" benches/activation_checkpointing.py --json "$RAW/activation_checkpointing.json" "${CKPT_ARGS[@]}" \
-    > "$RAW/activation_checkpointing.log" 2>&1
-CKPT_RC=$?
-tail -12 "$RAW/activation_checkpointing.log"
-echo "activation checkpointing exit code: $CKPT_RC; total $(( $(date +%s) - T0 )) s"
+# 4-5. one bench each, its output kept in extra.tgz: NAME TIMEOUT ARGS...
+run_bench() {
+    local name="$1" limit="$2"; shift 2
+    echo "== $name"
+    timeout "$limit" "$PY" "benches/$name.py" --json "$RAW/$name.json" "$@" > "$RAW/$name.log" 2>&1
+    local rc=$?
+    tail -20 "$RAW/$name.log"
+    echo "$name exit code: $rc; total $(( $(date +%s) - T0 )) s"
+    return $rc
+}
+run_bench packed_attention 40 "${PACKED_ARGS[@]}"; PACKED_RC=$?  # varlen / grouped SDPA against the dense mask
+run_bench activation_checkpointing 75 "${CKPT_ARGS[@]}"; CKPT_RC=$?  # peak memory and step time per mode
 
 # 6. one summary (the device tool returns the end of the output and at most 8 files)
 {

@@ -16,7 +16,7 @@ from otterfast.models.otterhd import otterhd_forward
 
 from test_otter import IMG, LLAMA, MPT, tiny
 from test_otterhd import tiny_fuyu
-from test_packed_attention import text_batch
+from test_packed_attention import text_batch, with_fuyu_patches
 
 ROWS, T = [[37, 5, 61, 1, 20], [90, 33]], 128
 
@@ -46,13 +46,7 @@ def otter_batch():
 
 
 def fuyu_batch():
-    b = text_batch(ROWS, T, vocab=100)
-    is_img = b["input_ids"] == IMG
-    pidx = torch.full_like(b["input_ids"], -1)
-    pidx[is_img] = torch.arange(int(is_img.sum()))
-    b["image_patches_indices"] = pidx
-    b["image_patches"] = torch.randn(int(is_img.sum()), 2700, generator=torch.Generator().manual_seed(2))
-    return b
+    return with_fuyu_patches(text_batch(ROWS, T, vocab=100))
 
 
 def otter_model(text):

@@ -68,6 +68,16 @@ def text_batch(rows, T, vocab: int, seed: int = 0, image_every: int = 2) -> dict
             "media_frames": torch.ones(n_media, dtype=torch.long)}
 
 
+def with_fuyu_patches(batch: dict) -> dict:
+    """A random 30x30x3 patch at every `<image>` token, in the loaders' layout (image_patches_indices)."""
+    is_img = batch["input_ids"] == IMG
+    pidx = torch.full_like(batch["input_ids"], -1)
+    pidx[is_img] = torch.arange(int(is_img.sum()))
+    batch["image_patches_indices"] = pidx
+    batch["image_patches"] = torch.randn(int(is_img.sum()), 2700, generator=torch.Generator().manual_seed(2))
+    return batch
+
+
 def loss_and_grads(model, forward, batch):
     model.zero_grad(set_to_none=True)
     out = forward(model, batch)
@@ -191,12 +201,7 @@ def test_otterhd_packed_equals_dense_logits_and_gradients(rows, T):
     dense = tiny_fuyu(vocab_size=100, image_token_id=IMG).train()
     packed = copy.deepcopy(dense)
     packed.set_attn_implementation(attention.resolve("packed"))
-    batch = text_batch(rows, T, vocab=100)
-    is_img = batch["input_ids"] == IMG
-    pidx = torch.full_like(batch["input_ids"], -1)
-    pidx[is_img] = torch.arange(int(is_img.sum()))
-    batch["image_patches_indices"] = pidx
-    batch["image_patches"] = torch.randn(int(is_img.sum()), 2700, generator=torch.Generator().manual_seed(2))
+    batch = with_fuyu_patches(text_batch(rows, T, vocab=100))
 
     def fwd(m, b):
         return otterhd_forward(m, b, with_loss=False)
