@@ -3,8 +3,9 @@
 Fuyu has no vision encoder: 30x30x3 pixel patches are projected by one linear layer and scattered into the
 token embeddings at the image-placeholder tokens (transformers 5 places them by `config.image_token_id`, in
 order, which is the loaders' layout order). A packed row is made exact by two inputs: `position_ids` that
-restart at every sample and a block-diagonal causal mask, so a packed forward equals each sample's own
-forward (tests/test_otterhd.py). The causal shift of the loss never crosses samples with a loss: the first
+restart at every sample and attention within each sample only (models/attention.py's packed attention from the
+row's layout; the dense block-diagonal causal mask with `attn_implementation: sdpa`), so a packed forward equals
+each sample's own forward (tests/test_otterhd.py, tests/test_packed_attention.py). The causal shift of the loss never crosses samples with a loss: the first
 token of every sample (an image token or BOS) is unlabelled.
 """
 
@@ -118,9 +119,10 @@ def otterhd_inputs(batch: dict, model, flatten: bool | None = None) -> dict:
     Token embeddings, then the patch projection (on one blank patch when the batch has no image), scattered at
     the loader's patch indices: every rank calls the same modules in the same order whatever its batch holds,
     which ZeRO-3 needs (each call gathers the module's shards collectively; a rank skipping the projection, or
-    calling it later, pairs its all-gathers with another module's). The mask is the additive block-diagonal
-    causal mask (read right by SDPA and eager alike); with flash-attn (`flatten`, default: when the model uses
-    flash_attention_2) the rows become one and no mask is built: transformers reads the samples' boundaries
+    calling it later, pairs its all-gathers with another module's). Attention: with the packed implementation
+    (the default) a `packed_layout` and no mask; with sdpa / eager the additive block-diagonal causal mask; with
+    transformers' flash_attention_2 (`flatten`, default: when the model uses it) the rows become one and no mask
+    is built: transformers reads the samples' boundaries
     from the restarting `position_ids` and calls the varlen kernel (pads, at position 0, become one-token
     sequences with no loss). The flash path is not exercised here: flash-attn cannot be built on the CPU machines.
     """
