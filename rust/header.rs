@@ -9,33 +9,7 @@ use base64::engine::DecodePaddingMode;
 use base64::{alphabet, Engine};
 use std::io::Cursor;
 
-/// Why a blob could not be probed. The codes cross into Python, which names the file and image id.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ProbeError {
-    /// The text is not valid base64 in either alphabet.
-    BadBase64(String),
-    /// The bytes are not in a format we know (JPEG, PNG, WebP, GIF).
-    NotAnImage,
-    /// The format is known but its header is truncated or corrupt.
-    BadHeader(String),
-}
-
-impl ProbeError {
-    pub fn code(&self) -> &'static str {
-        match self {
-            ProbeError::BadBase64(_) => "bad_base64",
-            ProbeError::NotAnImage => "not_an_image",
-            ProbeError::BadHeader(_) => "bad_header",
-        }
-    }
-    pub fn message(&self) -> String {
-        match self {
-            ProbeError::BadBase64(m) => format!("unreadable base64: {m}"),
-            ProbeError::NotAnImage => "bytes are not a JPEG, PNG, WebP or GIF image".to_string(),
-            ProbeError::BadHeader(m) => format!("corrupt image header: {m}"),
-        }
-    }
-}
+use crate::error::{Error, Result};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Header {
@@ -57,7 +31,7 @@ fn engine(alpha: &alphabet::Alphabet) -> GeneralPurpose {
 
 /// Decode base64 in the standard or URL-safe alphabet (a payload uses one or the other; `+`/`/` and
 /// `-`/`_` never mix in a valid one). Whitespace (line-wrapped base64) is ignored, like Python's decoder.
-pub fn decode_base64(text: &[u8]) -> Result<Vec<u8>, ProbeError> {
+pub fn decode_base64(text: &[u8]) -> Result<Vec<u8>> {
     let cleaned: std::borrow::Cow<[u8]> = if text.iter().any(|b| b.is_ascii_whitespace()) {
         std::borrow::Cow::Owned(
             text.iter()
@@ -76,7 +50,7 @@ pub fn decode_base64(text: &[u8]) -> Result<Vec<u8>, ProbeError> {
     };
     engine(alpha)
         .decode(&*cleaned)
-        .map_err(|e| ProbeError::BadBase64(e.to_string()))
+        .map_err(|e| Error::BadBase64(e.to_string()))
 }
 
 pub fn sniff_format(bytes: &[u8]) -> Option<(image::ImageFormat, &'static str)> {
@@ -94,14 +68,14 @@ pub fn sniff_format(bytes: &[u8]) -> Option<(image::ImageFormat, &'static str)> 
 }
 
 /// Read the header of encoded image bytes.
-pub fn probe_bytes(bytes: &[u8]) -> Result<Header, ProbeError> {
-    let (fmt, name) = sniff_format(bytes).ok_or(ProbeError::NotAnImage)?;
+pub fn probe_bytes(bytes: &[u8]) -> Result<Header> {
+    let (fmt, name) = sniff_format(bytes).ok_or(Error::NotAnImage)?;
     let reader = image::ImageReader::with_format(Cursor::new(bytes), fmt);
     let (width, height) = reader
         .into_dimensions()
-        .map_err(|e| ProbeError::BadHeader(e.to_string()))?;
+        .map_err(|e| Error::BadHeader(e.to_string()))?;
     if width == 0 || height == 0 {
-        return Err(ProbeError::BadHeader(format!(
+        return Err(Error::BadHeader(format!(
             "zero-sized image {width}x{height}"
         )));
     }
@@ -114,7 +88,7 @@ pub fn probe_bytes(bytes: &[u8]) -> Result<Header, ProbeError> {
 }
 
 /// Probe one blob, base64-decoding it first when `is_base64`.
-pub fn probe_blob(blob: &[u8], is_base64: bool) -> Result<Header, ProbeError> {
+pub fn probe_blob(blob: &[u8], is_base64: bool) -> Result<Header> {
     if is_base64 {
         let raw = decode_base64(blob)?;
         probe_bytes(&raw)
@@ -155,14 +129,11 @@ mod tests {
 
     #[test]
     fn garbage_is_not_an_image() {
-        assert_eq!(
-            probe_bytes(b"hello world").unwrap_err(),
-            ProbeError::NotAnImage
-        );
-        assert_eq!(probe_bytes(b"").unwrap_err(), ProbeError::NotAnImage);
+        assert_eq!(probe_bytes(b"hello world").unwrap_err(), Error::NotAnImage);
+        assert_eq!(probe_bytes(b"").unwrap_err(), Error::NotAnImage);
         assert!(matches!(
             decode_base64(b"!!!!").unwrap_err(),
-            ProbeError::BadBase64(_)
+            Error::BadBase64(_)
         ));
     }
 

@@ -1,21 +1,51 @@
 //! `otterfast._native`: the bulk byte work of otterfast, bound to Python with PyO3.
 //!
-//! This file only binds; each stage lives in its own module. Every function releases the GIL around
-//! its work and turns failures into Python exceptions or per-item error codes, never panics.
+//! This file and loader.rs only bind; each stage lives in its own module:
+//!
+//!   header.rs   image headers and base64 (data prepare's probe)
+//!   shard.rs    parquet image columns, streamed        blobs.rs   the image window's encoded bytes
+//!   decode.rs   bytes -> RGB                            transform.rs  RGB -> Otter/CLIP pixels, Fuyu patches
+//!   pixels.rs   which transform, per loader             layout.rs  a batch's tokens, media and pixel slots
+//!   index.rs    the prepared index, checked             config.rs  the loader options (LoaderConfig)
+//!   pack.rs     the epoch plan                          pipeline.rs  producer thread, pool, queue
+//!   error.rs    the one error type
+//!
+//! Every function releases the GIL around its work and turns failures into Python exceptions (through
+//! `From<Error> for PyErr` below) or per-item error codes, never panics.
 
+pub mod blobs;
+pub mod config;
 pub mod decode;
+pub mod error;
 pub mod header;
+pub mod index;
+pub mod layout;
 pub mod pack;
 pub mod pipeline;
+pub mod pixels;
 pub mod shard;
 pub mod transform;
 
 mod loader;
 
 use pyo3::buffer::PyBuffer;
-use pyo3::exceptions::PyValueError;
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use rayon::prelude::*;
+
+use crate::error::Error;
+
+/// The one place errors become Python exceptions: the machine's failures (threads, bugs) a RuntimeError,
+/// everything the data or the arguments caused a ValueError (data/loader.py raises it on as DataError).
+/// The message is the error's Display, which names the file, dataset, sample or image id it knows.
+impl From<Error> for PyErr {
+    fn from(e: Error) -> PyErr {
+        match e {
+            Error::Runtime(_) => PyRuntimeError::new_err(e.to_string()),
+            _ => PyValueError::new_err(e.to_string()),
+        }
+    }
+}
 
 /// One probed image: (error_code, width, height, format, encoded_len, message).
 /// error_code is "" on success; then message is "".
@@ -31,7 +61,7 @@ fn probe_row(blob: &[u8], is_base64: bool) -> ProbeRow {
             h.encoded_len,
             String::new(),
         ),
-        Err(e) => (e.code(), 0, 0, "", 0, e.message()),
+        Err(e) => (e.code(), 0, 0, "", 0, e.to_string()),
     }
 }
 
@@ -49,18 +79,17 @@ fn probe_images(
     is_base64: bool,
 ) -> PyResult<Vec<ProbeRow>> {
     if !data.is_c_contiguous() || !offsets.is_c_contiguous() {
-        return Err(PyValueError::new_err(
-            "probe_images: buffers must be C-contiguous",
-        ));
+        return Err(Error::Invalid("probe_images: buffers must be C-contiguous".into()).into());
     }
     let offs: Vec<i64> = offsets.to_vec(py)?;
     let n_bytes = data.len_bytes();
     for w in offs.windows(2) {
         if w[0] < 0 || w[1] < w[0] || w[1] as usize > n_bytes {
-            return Err(PyValueError::new_err(format!(
+            return Err(Error::Invalid(format!(
                 "probe_images: offsets out of range ({}..{} in a buffer of {} bytes)",
                 w[0], w[1], n_bytes
-            )));
+            ))
+            .into());
         }
     }
     let ptr = data.buf_ptr() as usize;
@@ -98,12 +127,12 @@ fn probe_parquet_rows(
                 .par_iter()
                 .map(|b| match b {
                     None => (
-                        "null_image",
+                        Error::NullImage.code(),
                         0,
                         0,
                         "",
                         0,
-                        "image bytes are null".to_string(),
+                        Error::NullImage.to_string(),
                     ),
                     Some(bytes) => probe_row(bytes, is_base64),
                 })
@@ -116,8 +145,7 @@ fn probe_parquet_rows(
             if blobs.len() == 32 {
                 flush(&mut blobs, &mut out);
             }
-        })
-        .map_err(|e| PyValueError::new_err(e.to_string()))?;
+        })?;
         flush(&mut blobs, &mut out);
         Ok(out)
     })
@@ -126,7 +154,7 @@ fn probe_parquet_rows(
 /// Decode one base64 payload (standard or URL-safe) to bytes; a ValueError on bad input.
 #[pyfunction]
 fn decode_base64(py: Python<'_>, text: &[u8]) -> PyResult<Py<pyo3::types::PyBytes>> {
-    let out = header::decode_base64(text).map_err(|e| PyValueError::new_err(e.message()))?;
+    let out = header::decode_base64(text)?;
     Ok(pyo3::types::PyBytes::new(py, &out).unbind())
 }
 

@@ -1,24 +1,55 @@
 //! Python bindings of the loader: `NativeLoader` (the engine in pipeline.rs), the batch planner
-//! (pack.rs) and a single-image transform for tests. Batches cross as numpy arrays that own the Rust
-//! buffers (no copy); waiting for a batch releases the GIL.
+//! (pack.rs) and single-image decode/transform for tests. The index and the options cross as typed
+//! structures (`IndexData` from data.loader.NativeIndex, `Config` from data.batching.LoaderConfig); batches
+//! cross as numpy arrays that own the Rust buffers (no copy); waiting for a batch releases the GIL.
 
+use std::str::FromStr;
 use std::sync::Arc;
 
-use numpy::{IntoPyArray, PyArrayMethods, PyReadonlyArray1};
-use pyo3::exceptions::PyValueError;
+use numpy::{IntoPyArray, PyArray1, PyArrayMethods};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
+use crate::config::Config;
+use crate::error::Error;
+use crate::index::IndexData;
+use crate::layout::BatchOut;
 use crate::pack;
-use crate::pipeline::{self, BatchOut, Config, IndexData, Running, Source};
+use crate::pipeline::{self, Running};
+use crate::pixels::Pixels;
 
-/// One named 1-D array of `arrays`, copied into a Vec (the index is read once per loader).
-fn array<T: numpy::Element + Copy>(arrays: &Bound<'_, PyDict>, k: &str) -> PyResult<Vec<T>> {
-    let a = arrays
-        .get_item(k)?
-        .ok_or_else(|| PyValueError::new_err(format!("missing array {k:?}")))?;
-    let a: PyReadonlyArray1<'_, T> = a.extract()?;
-    Ok(a.as_slice()?.to_vec())
+/// `from_py_with` for IndexData's arrays: a 1-D int32 or int64 numpy array (contiguous) as a Vec of `T`,
+/// refusing values `T` cannot hold (a negative offset, row or size) instead of wrapping them.
+pub(crate) fn ints<T: TryFrom<i64>>(ob: &Bound<'_, PyAny>) -> PyResult<Vec<T>> {
+    fn convert<S: Copy + Into<i64>, T: TryFrom<i64>>(xs: &[S]) -> Result<Vec<T>, Error> {
+        xs.iter()
+            .map(|&x| {
+                let v: i64 = x.into();
+                T::try_from(v).map_err(|_| {
+                    Error::Invalid(format!(
+                        "value {v} out of range for {}",
+                        std::any::type_name::<T>()
+                    ))
+                })
+            })
+            .collect()
+    }
+    if let Ok(a) = ob.cast::<PyArray1<i32>>() {
+        return Ok(convert(a.readonly().as_slice()?)?);
+    }
+    if let Ok(a) = ob.cast::<PyArray1<i64>>() {
+        return Ok(convert(a.readonly().as_slice()?)?);
+    }
+    Err(Error::Invalid(format!(
+        "expected a 1-D int32 or int64 numpy array, got {}",
+        ob.get_type().name()?
+    ))
+    .into())
+}
+
+/// `from_py_with` for option strings ("otter", "skip", "parquet", ...): parsed into their Rust enum.
+pub(crate) fn parsed<T: FromStr<Err = Error>>(ob: &Bound<'_, PyAny>) -> PyResult<T> {
+    Ok(ob.extract::<String>()?.parse::<T>()?)
 }
 
 #[pyclass(name = "NativeLoader", module = "otterfast._native")]
@@ -31,99 +62,16 @@ pub struct PyNativeLoader {
 
 #[pymethods]
 impl PyNativeLoader {
-    /// Built by otterfast.data.loader.NativeLoader from a prepared index; see that class. `arrays` maps each
-    /// IndexData field name to a 1-D int32/int64 numpy array (offsets are int64).
+    /// Built by otterfast.data.loader.NativeLoader (see that class) from a `NativeIndex` and the
+    /// `LoaderConfig` (its capacity resolved). The whole index is checked here, without the GIL, so a
+    /// bad index fails at construction with a ValueError naming the file and sample.
     #[new]
-    fn new(
-        arrays: &Bound<'_, PyDict>,
-        datasets: Vec<String>,
-        img_ids: Vec<String>,
-        sources: Vec<(bool, Vec<String>, String, bool)>,
-        options: &Bound<'_, PyDict>,
-    ) -> PyResult<Self> {
-        let i64s = |k: &str| array::<i64>(arrays, k);
-        let i32s = |k: &str| array::<i32>(arrays, k);
-        let offs = |k: &str| -> PyResult<Vec<usize>> {
-            Ok(i64s(k)?.into_iter().map(|x| x as usize).collect())
-        };
-        let u32s = |k: &str| -> PyResult<Vec<u32>> {
-            Ok(i32s(k)?.into_iter().map(|x| x as u32).collect())
-        };
-        let index = IndexData {
-            tok_off: offs("tok_off")?,
-            tokens: i32s("tokens")?,
-            span_off: offs("span_off")?,
-            spans: i32s("spans")?,
-            mpos_off: offs("mpos_off")?,
-            mpos: i32s("mpos")?,
-            media_off: offs("media_off")?,
-            media_img_off: offs("media_img_off")?,
-            media_imgs: u32s("media_imgs")?,
-            datasets,
-            img_source: u32s("img_source")?,
-            img_file: u32s("img_file")?,
-            img_rg: u32s("img_rg")?,
-            img_row: u32s("img_row")?,
-            img_off: i64s("img_off")?,
-            img_len: i64s("img_len")?,
-            img_w: u32s("img_w")?,
-            img_h: u32s("img_h")?,
-            img_bytes: i64s("img_bytes")?
-                .into_iter()
-                .map(|x| x.max(0) as u64)
-                .collect(),
-            img_ids,
-            sources: sources
-                .into_iter()
-                .map(|(json, files, column, base64)| Source {
-                    json,
-                    files,
-                    column,
-                    base64,
-                })
-                .collect(),
-        };
-        let n = index.datasets.len();
-        for (name, v) in [
-            ("tok_off", &index.tok_off),
-            ("span_off", &index.span_off),
-            ("mpos_off", &index.mpos_off),
-            ("media_off", &index.media_off),
-        ] {
-            if v.len() != n + 1 {
-                return Err(PyValueError::new_err(format!(
-                    "{name}: expected {} offsets, got {}",
-                    n + 1,
-                    v.len()
-                )));
-            }
-        }
-        let get = |k: &str| -> PyResult<Bound<'_, PyAny>> {
-            options
-                .get_item(k)?
-                .ok_or_else(|| PyValueError::new_err(format!("missing option {k:?}")))
-        };
-        let cfg = Config {
-            fuyu: get("fuyu")?.extract()?,
-            pad_id: get("pad_id")?.extract()?,
-            placeholder_id: get("placeholder_id")?.extract()?,
-            newline_id: get("newline_id")?.extract()?,
-            fuyu_max_h: get("fuyu_max_h")?.extract()?,
-            fuyu_max_w: get("fuyu_max_w")?.extract()?,
-            clip: get("clip")?.extract()?,
-            image_size: get("image_size")?.extract()?,
-            pack: get("pack")?.extract()?,
-            capacity: get("capacity")?.extract()?,
-            skip_errors: get("skip_errors")?.extract()?,
-            num_threads: get("num_threads")?.extract()?,
-            prefetch: get("prefetch")?.extract()?,
-            blob_window: get("blob_window")?.extract()?,
-            blob_window_bytes: get("blob_window_bytes")?.extract()?,
-            jpeg_draft: get("jpeg_draft")?.extract()?,
-        };
+    fn new(py: Python<'_>, index: IndexData, config: Config) -> PyResult<Self> {
+        config.check()?;
+        let index = py.detach(move || index.check().map(|_| index))?;
         Ok(Self {
             index: Arc::new(index),
-            cfg: Arc::new(cfg),
+            cfg: Arc::new(config),
             running: std::sync::Mutex::new(None),
         })
     }
@@ -131,11 +79,16 @@ impl PyNativeLoader {
     /// Start producing `batches` (batches of rows of index sample rows) on a fresh thread and pool.
     /// A running epoch is stopped first.
     fn start(&mut self, py: Python<'_>, batches: Vec<Vec<Vec<u32>>>) -> PyResult<()> {
-        let n = self.index.datasets.len() as u32;
-        if let Some(bad) = batches.iter().flatten().flatten().find(|&&s| s >= n) {
-            return Err(PyValueError::new_err(format!(
-                "sample row {bad} out of range ({n} samples)"
-            )));
+        let n = self.index.num_samples();
+        if let Some(bad) = batches
+            .iter()
+            .flatten()
+            .flatten()
+            .find(|&&s| s as usize >= n)
+        {
+            return Err(
+                Error::Invalid(format!("sample row {bad} out of range ({n} samples)")).into(),
+            );
         }
         let slot = self.running.get_mut().unwrap_or_else(|p| p.into_inner());
         let old = slot.take();
@@ -144,13 +97,13 @@ impl PyNativeLoader {
             self.index.clone(),
             self.cfg.clone(),
             batches,
-        ));
+        )?);
         Ok(())
     }
 
     /// The next batch as a dict of numpy arrays, or None at the end of the epoch. Waits without the GIL.
     fn next_batch(&mut self, py: Python<'_>) -> PyResult<Option<Py<PyDict>>> {
-        let fuyu = self.cfg.fuyu;
+        let fuyu = self.index.fuyu;
         let size = self.cfg.image_size as usize;
         let slot = self.running.get_mut().unwrap_or_else(|p| p.into_inner());
         let Some(running) = slot.as_mut() else {
@@ -169,9 +122,9 @@ impl PyNativeLoader {
                 *slot = None; // the producer finished: end of epoch
                 Ok(None)
             }
-            Ok(Err(msg)) => {
+            Ok(Err(e)) => {
                 *slot = None;
-                Err(PyValueError::new_err(msg))
+                Err(e.into())
             }
             Ok(Ok(b)) => Ok(Some(to_dict(py, b, fuyu, size)?)),
         }
@@ -249,22 +202,11 @@ fn plan_batches(
     world_size: usize,
     even: bool,
 ) -> PyResult<(Vec<pack::Batch>, usize)> {
-    if world_size == 0 || rank >= world_size {
-        return Err(PyValueError::new_err(format!(
-            "rank {rank} not in [0, {world_size})"
-        )));
-    }
-    if let Some(&bad) = order.iter().find(|&&s| s as usize >= lengths.len()) {
-        return Err(PyValueError::new_err(format!(
-            "sample row {bad} out of range ({} samples)",
-            lengths.len()
-        )));
-    }
     py.detach(move || {
-        let batches = pack::plan_batches(&lengths, &order, batch_size, pack, capacity, window)
-            .map_err(PyValueError::new_err)?;
-        Ok(pack::shard_batches(batches, rank, world_size, even))
+        let batches = pack::plan_batches(&lengths, &order, batch_size, pack, capacity, window)?;
+        pack::shard_batches(batches, rank, world_size, even)
     })
+    .map_err(PyErr::from)
 }
 
 /// Decode + transform one encoded image: mode "otter" / "clip" -> (3, size, size) float32;
@@ -282,11 +224,8 @@ fn transform_image(
     max_w: u32,
     jpeg_draft: bool,
 ) -> PyResult<(Py<PyAny>, usize, usize)> {
-    let (v, r, c) = py
-        .detach(move || {
-            pipeline::transform_one(&data, is_base64, &mode, size, max_h, max_w, jpeg_draft)
-        })
-        .map_err(PyValueError::new_err)?;
+    let pixels = Pixels::named(&mode, size, max_h, max_w)?;
+    let (v, r, c) = py.detach(move || pixels.render(&data, is_base64, jpeg_draft))?;
     let arr = if r > 0 {
         v.into_pyarray(py)
             .reshape([r * c, 2700])?
@@ -304,12 +243,10 @@ fn transform_image(
 #[pyfunction]
 #[pyo3(signature = (data, draft=None))]
 fn decode_image(py: Python<'_>, data: Vec<u8>, draft: Option<u32>) -> PyResult<Py<PyAny>> {
-    let rgb = py
-        .detach(move || match draft {
-            Some(s) => crate::decode::decode_rgb_draft(&data, s, s),
-            None => crate::decode::decode_rgb(&data),
-        })
-        .map_err(PyValueError::new_err)?;
+    let rgb = py.detach(move || match draft {
+        Some(s) => crate::decode::decode_rgb_draft(&data, s, s),
+        None => crate::decode::decode_rgb(&data),
+    })?;
     let (h, w) = (rgb.height as usize, rgb.width as usize);
     Ok(rgb
         .data

@@ -10,14 +10,7 @@ use parquet::data_type::ByteArray;
 use parquet::file::reader::{FileReader, SerializedFileReader};
 use std::fs::File;
 
-#[derive(Debug)]
-pub struct ShardError(pub String);
-
-impl std::fmt::Display for ShardError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
+use crate::error::{Error, Result};
 
 /// Stream `column` of `row_group` in `path` and call `visit(row, Some(bytes) | None)` for each row in
 /// `rows` (sorted ascending, rows within the row group). Rows not asked for are decoded and dropped.
@@ -27,8 +20,11 @@ pub fn for_each_row<F: FnMut(usize, Option<&[u8]>)>(
     row_group: usize,
     rows: &[usize],
     mut visit: F,
-) -> Result<(), ShardError> {
-    let err = |m: String| ShardError(format!("{path}: {m}"));
+) -> Result<()> {
+    let err = |cause: String| Error::File {
+        file: path.to_string(),
+        cause,
+    };
     if rows.windows(2).any(|w| w[1] <= w[0]) {
         return Err(err("rows must be sorted and unique".into()));
     }
@@ -103,15 +99,18 @@ pub fn for_each_row<F: FnMut(usize, Option<&[u8]>)>(
         if records != 1 {
             return Err(err(format!("row group {row_group} ended at row {row}")));
         }
-        let present = max_def == 0 || defs[0] == max_def;
-        visit(
-            row,
-            if present {
-                Some(values[0].data())
-            } else {
-                None
-            },
-        );
+        // A file whose levels and values disagree is corrupt: an error, not an index out of bounds.
+        let present = max_def == 0 || defs.first() == Some(&max_def);
+        let value = match (present, values.first()) {
+            (true, Some(v)) => Some(v.data()),
+            (true, None) => {
+                return Err(err(format!(
+                    "row group {row_group}, row {row}: no value for a non-null row"
+                )))
+            }
+            (false, _) => None,
+        };
+        visit(row, value);
         row += 1;
     }
     Ok(())

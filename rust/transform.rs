@@ -9,6 +9,7 @@ use fast_image_resize::images::{Image, ImageRef};
 use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
 
 use crate::decode::Rgb;
+use crate::error::{Error, Result};
 
 pub const FLAMINGO_MEAN: [f32; 3] = [0.481, 0.458, 0.408];
 pub const FLAMINGO_STD: [f32; 3] = [0.269, 0.261, 0.276];
@@ -16,12 +17,12 @@ pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
 pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
 pub const FUYU_PATCH: usize = 30;
 
-pub fn resize(img: &Rgb, width: u32, height: u32, filter: FilterType) -> Result<Rgb, String> {
+pub fn resize(img: &Rgb, width: u32, height: u32, filter: FilterType) -> Result<Rgb> {
     if (img.width, img.height) == (width, height) {
         return Ok(img.clone());
     }
     let src = ImageRef::new(img.width, img.height, &img.data, PixelType::U8x3)
-        .map_err(|e| format!("resize: {e}"))?;
+        .map_err(|e| Error::BadPixels(format!("resize: {e}")))?;
     let mut dst = Image::new(width, height, PixelType::U8x3);
     let mut resizer = Resizer::new();
     resizer
@@ -30,7 +31,7 @@ pub fn resize(img: &Rgb, width: u32, height: u32, filter: FilterType) -> Result<
             &mut dst,
             &ResizeOptions::new().resize_alg(ResizeAlg::Convolution(filter)),
         )
-        .map_err(|e| format!("resize: {e}"))?;
+        .map_err(|e| Error::BadPixels(format!("resize: {e}")))?;
     Ok(Rgb {
         width,
         height,
@@ -39,9 +40,17 @@ pub fn resize(img: &Rgb, width: u32, height: u32, filter: FilterType) -> Result<
 }
 
 /// HWC u8 -> CHW f32, normalised, into `out` (3 * width * height values).
-fn normalise_chw(img: &Rgb, mean: [f32; 3], std: [f32; 3], out: &mut [f32]) {
-    let n = (img.width * img.height) as usize;
-    debug_assert_eq!(out.len(), 3 * n);
+fn normalise_chw(img: &Rgb, mean: [f32; 3], std: [f32; 3], out: &mut [f32]) -> Result<()> {
+    let n = img.width as usize * img.height as usize;
+    // The slot comes from the batch layout; a mismatch is a bug here, reported rather than a slice panic.
+    if out.len() != 3 * n || img.data.len() != 3 * n {
+        return Err(Error::Runtime(format!(
+            "internal: {}x{} pixels for a slot of {} values",
+            img.width,
+            img.height,
+            out.len()
+        )));
+    }
     for c in 0..3 {
         // A lookup table per channel: the same f32 operations as the numpy reference, done 256 times.
         let mut lut = [0f32; 256];
@@ -53,29 +62,29 @@ fn normalise_chw(img: &Rgb, mean: [f32; 3], std: [f32; 3], out: &mut [f32]) {
             *v = lut[img.data[i * 3 + c] as usize];
         }
     }
-}
-
-/// Otter's training transform: Resize((size, size), BICUBIC), ToTensor, Normalize(FLAMINGO stats).
-pub fn otter_pixels_into(img: &Rgb, size: u32, out: &mut [f32]) -> Result<(), String> {
-    let r = resize(img, size, size, FilterType::CatmullRom)?;
-    normalise_chw(&r, FLAMINGO_MEAN, FLAMINGO_STD, out);
     Ok(())
 }
 
-pub fn otter_pixels(img: &Rgb, size: u32, out: &mut Vec<f32>) -> Result<(), String> {
+/// Otter's training transform: Resize((size, size), BICUBIC), ToTensor, Normalize(FLAMINGO stats).
+pub fn otter_pixels_into(img: &Rgb, size: u32, out: &mut [f32]) -> Result<()> {
+    let r = resize(img, size, size, FilterType::CatmullRom)?;
+    normalise_chw(&r, FLAMINGO_MEAN, FLAMINGO_STD, out)
+}
+
+pub fn otter_pixels(img: &Rgb, size: u32, out: &mut Vec<f32>) -> Result<()> {
     let base = out.len();
     out.resize(base + 3 * (size * size) as usize, 0.0);
     otter_pixels_into(img, size, &mut out[base..])
 }
 
-pub fn clip_pixels(img: &Rgb, size: u32, out: &mut Vec<f32>) -> Result<(), String> {
+pub fn clip_pixels(img: &Rgb, size: u32, out: &mut Vec<f32>) -> Result<()> {
     let base = out.len();
     out.resize(base + 3 * (size * size) as usize, 0.0);
     clip_pixels_into(img, size, &mut out[base..])
 }
 
 /// CLIPImageProcessor: shortest edge -> size (bicubic, long side truncated), centre crop, CLIP stats.
-pub fn clip_pixels_into(img: &Rgb, size: u32, out: &mut [f32]) -> Result<(), String> {
+pub fn clip_pixels_into(img: &Rgb, size: u32, out: &mut [f32]) -> Result<()> {
     let (w, h) = (img.width as u64, img.height as u64);
     let (short, long) = if w <= h { (w, h) } else { (h, w) };
     // Python's int(size * long / short): an exact integer product, one correctly rounded division.
@@ -103,8 +112,7 @@ pub fn clip_pixels_into(img: &Rgb, size: u32, out: &mut [f32]) -> Result<(), Str
         CLIP_MEAN,
         CLIP_STD,
         out,
-    );
-    Ok(())
+    )
 }
 
 /// FuyuImageProcessor's resize rule: shrink to fit keeping the aspect ratio, never upscale.
@@ -133,7 +141,7 @@ pub fn fuyu_patches(
     max_h: u32,
     max_w: u32,
     out: &mut Vec<f32>,
-) -> Result<(usize, usize), String> {
+) -> Result<(usize, usize)> {
     let (rows, cols) = fuyu_grid(img.height, img.width, max_h, max_w);
     let base = out.len();
     out.resize(base + rows * cols * PATCH_DIM, 0.0);
@@ -148,7 +156,7 @@ pub fn fuyu_patches_into(
     max_h: u32,
     max_w: u32,
     out: &mut [f32],
-) -> Result<(usize, usize), String> {
+) -> Result<(usize, usize)> {
     let (nh, nw) = fuyu_resized_size(img.height, img.width, max_h, max_w);
     let resized;
     let img = if (nh, nw) != (img.height, img.width) {
@@ -165,10 +173,10 @@ pub fn fuyu_patches_into(
         *o = (v as f32 * (1.0f32 / 255.0) - 0.5) / 0.5;
     }
     if out.len() != rows * cols * PATCH_DIM {
-        return Err(format!(
+        return Err(Error::BadPixels(format!(
             "image is {}x{}, its header said otherwise",
             img.width, img.height
-        ));
+        )));
     }
     out.fill(pad);
     let mut k = 0;

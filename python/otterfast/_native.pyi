@@ -4,6 +4,9 @@ from collections.abc import Buffer
 
 import numpy as np
 
+from otterfast.data.batching import LoaderConfig
+from otterfast.data.loader import NativeIndex
+
 __version__: str
 
 def probe_images(
@@ -36,35 +39,34 @@ def decode_base64(text: bytes) -> bytes:
 class NativeLoader:
     """The Rust engine of otterfast.data.loader.NativeLoader (use that class; this one takes the flattened index)."""
 
-    def __init__(
-        self,
-        arrays: dict[str, np.ndarray],
-        datasets: list[str],
-        img_ids: list[str],
-        sources: list[tuple[bool, list[str], str, bool]],
-        options: dict,
-    ) -> None:
-        """arrays: the flattened index (tok_off, tokens, span_off, spans, mpos_off, mpos, media_off, media_img_off,
-        media_imgs, img_source, img_file, img_rg, img_row, img_off, img_len, img_w, img_h, img_bytes)."""
+    def __init__(self, index: NativeIndex, config: LoaderConfig) -> None:
+        """index: the flattened prepared index (rust/index.rs reads its attributes by name); config: the loader
+        options (rust/config.rs reads pack, capacity (an int: None resolved), image_transform, image_size,
+        jpeg_draft, on_error, num_threads, prefetch, blob_window, blob_window_mb). Checks the whole index
+        without the GIL: ValueError naming the file and sample (or image id) when it contradicts itself, e.g.
+        an image reference outside the image table."""
     def start(self, batches: list[list[list[int]]]) -> None:
-        """Produce these batches (rows of index sample rows) on a fresh thread + pool; stops a running epoch."""
+        """Produce these batches (rows of index sample rows) on a fresh thread + pool; stops a running epoch.
+        ValueError when a sample row is out of range; RuntimeError when the thread cannot start."""
     def next_batch(self) -> dict[str, np.ndarray | int] | None:
-        """The next batch (numpy arrays owning Rust buffers), None at the end; ValueError naming file and
-        image id when an image cannot be decoded (unless skipping). Waits without the GIL."""
+        """The next batch (numpy arrays owning Rust buffers), None at the end; ValueError naming file, dataset
+        and image id when an image cannot be read or decoded (unless skipping), or when a row handed to `start`
+        overflows the packing capacity; RuntimeError for the engine's own failures. Waits without the GIL."""
     def stop(self) -> None: ...
 
 def plan_batches(
     lengths: list[int], order: list[int], batch_size: int, pack: bool, capacity: int, window: int,
     rank: int = 0, world_size: int = 1, even: bool = True,
 ) -> tuple[list[list[list[int]]], int]:
-    """(this rank's batches, batches dropped to keep ranks even); the twin of data.batching."""
+    """(this rank's batches, batches dropped to keep ranks even); the twin of data.batching. ValueError for a
+    sample longer than `capacity`, a sample row outside `lengths`, or a rank outside [0, world_size)."""
 
 def transform_image(
     data: bytes, mode: str, is_base64: bool = False, size: int = 224, max_h: int = 1080, max_w: int = 1920,
     jpeg_draft: bool = False,
 ) -> tuple[np.ndarray, int, int]:
     """Decode + transform one image: "otter"/"clip" -> (3, size, size) float32, "fuyu" -> (rows*cols, 2700);
-    with jpeg_draft, JPEGs are decoded as by `decode_image(data, draft=size)`."""
+    with jpeg_draft, JPEGs are decoded as by `decode_image(data, draft=size)`. ValueError on bad bytes or mode."""
 
 def decode_image(data: bytes, draft: int | None = None) -> np.ndarray:
     """Decode to RGB like PIL's convert("RGB"): (height, width, 3) uint8. With `draft` (a size), greyscale and

@@ -21,7 +21,10 @@ from dataclasses import dataclass, fields
 
 @dataclass
 class LoaderConfig:
-    """Options shared by the reference and the native loader (same meaning, same defaults)."""
+    """Options shared by the reference and the native loader (same meaning, same defaults).
+
+    The native engine reads this object itself: rust/config.rs `Config` takes the fields it needs by name
+    (a new native option is a field here and one there; a renamed field must be renamed there too)."""
 
     batch_size: int = 8  # rows per batch
     seed: int = 0

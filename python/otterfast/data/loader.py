@@ -13,6 +13,11 @@ released, `prefetch` batches ahead. Use it with `num_workers=0` (in a torch Data
 `batch_size=None`); it needs no worker processes. Its threads are started by `iter()`, never at
 construction, so a process forked before iterating starts its own.
 
+Boundary: the index crosses to Rust as one `NativeIndex` (below) and the options as the `LoaderConfig`
+itself, each read by a typed Rust struct (rust/index.rs, rust/config.rs). Rust checks the whole index when
+the loader is built: an index that contradicts itself (an image reference outside the image table, offsets
+or spans out of range, ...) raises DataError (a ValueError) naming the file and the sample, never a panic.
+
 State: `state_dict()` is {"epoch", "batches"}: the epoch and how many batches of it were yielded;
 `load_state_dict` resumes at exactly the next batch (the plan is recomputed from the seed, nothing is
 decoded for the skipped batches). Each `iter()` after a finished epoch moves to the next epoch.
@@ -20,7 +25,9 @@ decoded for the skipped batches). Each `iter()` after a finished epoch moves to 
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
@@ -30,6 +37,7 @@ from .. import _native
 from .batching import LoaderConfig, shard_batches, shuffle_batches
 from .defects import DataError
 from .index import PreparedIndex
+from .sources import ImageSource
 
 
 def _offsets(col) -> np.ndarray:
@@ -40,6 +48,85 @@ def _offsets(col) -> np.ndarray:
 def _values(col, dtype) -> np.ndarray:
     start, end = int(col.offsets[0].as_py()), int(col.offsets[-1].as_py())
     return np.asarray(col.values.slice(start, end - start).to_numpy(zero_copy_only=False), dtype=dtype)
+
+
+@dataclass(frozen=True)
+class NativeIndex:
+    """The prepared index, flattened for the Rust engine: rust/index.rs `IndexData` reads these attributes
+    by name (a field added here is a field added there). Arrays are 1-D int32/int64; the `*_off` arrays
+    delimit each sample's (or each media's) slice of the array after them. Rust checks all of it when the
+    loader is built (offsets, spans, media positions, every image reference within the image table)."""
+
+    path: str  # the index folder, named in errors
+    # the format and its tokenizer (meta.json)
+    fuyu: bool
+    pad_id: int
+    placeholder_id: int  # Fuyu's image placeholder token, -1 otherwise
+    newline_id: int  # Fuyu's image newline token, -1 otherwise
+    fuyu_max_h: int
+    fuyu_max_w: int
+    # per sample (samples.arrow)
+    sample_ids: list[str]
+    datasets: list[str]
+    num_tokens: np.ndarray  # what the plan packs by: text tokens + Fuyu image tokens
+    tok_off: np.ndarray
+    tokens: np.ndarray
+    span_off: np.ndarray
+    spans: np.ndarray  # label spans as flat (start, end) pairs
+    mpos_off: np.ndarray
+    mpos: np.ndarray  # the token position of each media
+    media_off: np.ndarray  # media per sample ...
+    media_img_off: np.ndarray  # ... images (frames) per media ...
+    media_imgs: np.ndarray  # ... as image rows
+    # per image (images.arrow)
+    img_ids: list[str]
+    img_source: np.ndarray
+    img_file: np.ndarray
+    img_rg: np.ndarray
+    img_row: np.ndarray
+    img_off: np.ndarray  # JSON: byte range of the value
+    img_len: np.ndarray
+    img_w: np.ndarray
+    img_h: np.ndarray
+    img_bytes: np.ndarray  # size as stored (base64 is 4/3 of the encoded bytes), bounds the read window
+    sources: list[ImageSource]
+
+    @classmethod
+    def of(cls, ix: PreparedIndex) -> "NativeIndex":
+        t, im = ix.samples, ix.images
+
+        def col(name):
+            return t.column(name).combine_chunks()
+
+        def icol(name, dtype):
+            return np.ascontiguousarray(im.column(name).to_numpy(), dtype=dtype)
+
+        ids, spans, mpos, media = col("input_ids"), col("label_spans"), col("media_pos"), col("media_images")
+        m0, m1 = int(media.offsets[0].as_py()), int(media.offsets[-1].as_py())
+        media_inner = media.values.slice(m0, m1 - m0)
+        opts, tok = ix.meta["options"], ix.tok
+        n = im.column("encoded_len").to_numpy().astype(np.int64)
+        b64 = np.array([ix.sources[s].encoding == "base64" for s in im.column("source").to_pylist()], bool)
+        return cls(
+            path=ix.path, fuyu=ix.format == "fuyu", pad_id=int(tok["pad_id"]),
+            placeholder_id=int(tok.get("fuyu_placeholder_id") or -1),
+            newline_id=int(tok.get("fuyu_newline_id") or -1),
+            fuyu_max_h=int(opts["fuyu_max_height"]), fuyu_max_w=int(opts["fuyu_max_width"]),
+            sample_ids=t.column("sample_id").to_pylist(), datasets=t.column("dataset").to_pylist(),
+            num_tokens=np.ascontiguousarray(ix.num_tokens(), dtype=np.int64),
+            tok_off=_offsets(ids), tokens=_values(ids, np.int32),
+            span_off=_offsets(spans), spans=_values(spans, np.int32),
+            mpos_off=_offsets(mpos), mpos=_values(mpos, np.int32),
+            media_off=_offsets(media), media_img_off=_offsets(media_inner),
+            media_imgs=_values(media_inner, np.int32),
+            img_ids=im.column("image_id").to_pylist(),
+            img_source=icol("source", np.int32), img_file=icol("file", np.int32),
+            img_rg=icol("row_group", np.int32), img_row=icol("row", np.int32),
+            img_off=icol("byte_offset", np.int64), img_len=icol("byte_length", np.int64),
+            img_w=icol("width", np.int32), img_h=icol("height", np.int32),
+            img_bytes=np.where(b64, (n * 4 + 2) // 3, n).astype(np.int64),
+            sources=list(ix.sources),
+        )
 
 
 class NativeLoader(IterableDataset):
@@ -59,58 +146,19 @@ class NativeLoader(IterableDataset):
         # Per-sample labels for the batch dicts, as plain lists (pyarrow scalar access per sample costs ~20 us).
         self._sample_ids = self.index.samples.column("sample_id").to_pylist()
         self._groups = self.index.samples.column("group").to_pylist()
+        # Built (and the whole index checked) now, so a bad index fails here, not at the first batch. No
+        # thread starts before iter(); a forked child builds its own engine (_engine_here).
+        self._engine_here()
 
     # ---- the engine ------------------------------------------------------------------------------
 
     def _make_engine(self):
-        ix = self.index
-        t = ix.samples
-
-        def col(name):
-            return t.column(name).combine_chunks()
-
-        ids, spans, mpos, media = col("input_ids"), col("label_spans"), col("media_pos"), col("media_images")
-        media_inner = media.values.slice(int(media.offsets[0].as_py()),
-                                         int(media.offsets[-1].as_py()) - int(media.offsets[0].as_py()))
-        im = ix.images
-        src = [(s.kind == "json", list(s.files), s.image_column or "", s.encoding == "base64") for s in ix.sources]
-        opts = ix.meta["options"]
-        tok = ix.tok
-        options = {
-            "fuyu": ix.format == "fuyu", "pad_id": int(tok["pad_id"]),
-            "placeholder_id": int(tok.get("fuyu_placeholder_id") or -1),
-            "newline_id": int(tok.get("fuyu_newline_id") or -1),
-            "fuyu_max_h": int(opts["fuyu_max_height"]), "fuyu_max_w": int(opts["fuyu_max_width"]),
-            "clip": self.cfg.image_transform == "clip", "image_size": int(self.cfg.image_size),
-            "pack": bool(self.cfg.pack), "capacity": int(self.capacity),
-            "skip_errors": self.cfg.on_error == "skip", "num_threads": int(self.cfg.num_threads),
-            "prefetch": int(self.cfg.prefetch), "blob_window": int(self.cfg.blob_window),
-            "jpeg_draft": bool(self.cfg.jpeg_draft), "blob_window_bytes": int(self.cfg.blob_window_mb) << 20,
-        }
-
-        def icol(name, dtype):
-            return np.ascontiguousarray(im.column(name).to_numpy(), dtype=dtype)
-
-        arrays = {
-            "tok_off": _offsets(ids), "tokens": _values(ids, np.int32),
-            "span_off": _offsets(spans), "spans": _values(spans, np.int32),
-            "mpos_off": _offsets(mpos), "mpos": _values(mpos, np.int32),
-            "media_off": _offsets(media), "media_img_off": _offsets(media_inner),
-            "media_imgs": _values(media_inner, np.int32),
-            "img_source": icol("source", np.int32), "img_file": icol("file", np.int32),
-            "img_rg": icol("row_group", np.int32), "img_row": icol("row", np.int32),
-            "img_off": icol("byte_offset", np.int64), "img_len": icol("byte_length", np.int64),
-            "img_w": icol("width", np.int32), "img_h": icol("height", np.int32), "img_bytes": self._stored_bytes(),
-        }
-        return _native.NativeLoader(arrays, t.column("dataset").to_pylist(), im.column("image_id").to_pylist(),
-                                    src, options)
-
-    def _stored_bytes(self) -> np.ndarray:
-        """Each image's size as stored (base64 is 4/3 of the encoded bytes), for the byte-bounded read window."""
-        im = self.index.images
-        n = im.column("encoded_len").to_numpy().astype(np.int64)
-        b64 = np.array([self.index.sources[s].encoding == "base64" for s in im.column("source").to_pylist()], bool)
-        return np.where(b64, (n * 4 + 2) // 3, n).astype(np.int64)
+        # The options cross as the LoaderConfig itself (rust/config.rs reads its attributes), capacity resolved.
+        config = dataclasses.replace(self.cfg, capacity=self.capacity)
+        try:
+            return _native.NativeLoader(NativeIndex.of(self.index), config)
+        except ValueError as e:  # an index that contradicts itself: bad data, named by file and sample
+            raise DataError(str(e)) from None
 
     def _engine_here(self):
         # A fork after construction must not reuse the parent's engine (its threads do not exist here).

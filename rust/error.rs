@@ -1,0 +1,152 @@
+//! The crate's one error type. Every stage returns it; lib.rs turns it into a Python exception
+//! (`impl From<Error> for PyErr`), so the message a user reads is this Display, whatever the stage.
+//!
+//! Variants say whose fault it is: the image bytes, a file, the prepared index, the caller's arguments,
+//! or the machine. Only `Runtime` is not the data's fault; it becomes a RuntimeError, the rest ValueError.
+
+use std::fmt;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Error {
+    /// Image text that is not base64 in either alphabet.
+    BadBase64(String),
+    /// Bytes in no format we read (JPEG, PNG, WebP, GIF).
+    NotAnImage,
+    /// A known format whose header is truncated or corrupt.
+    BadHeader(String),
+    /// A readable header whose pixels cannot be decoded or transformed.
+    BadPixels(String),
+    /// A table row whose image value is null.
+    NullImage,
+    /// A file (image table, JSON) that cannot be read where the index says; `cause` says how.
+    File { file: String, cause: String },
+    /// An image that failed, with where it lives: its file, the dataset of the sample using it, its id.
+    Image {
+        file: String,
+        dataset: Option<String>,
+        image_id: String,
+        cause: Box<Error>,
+    },
+    /// The prepared index contradicts itself (found when a loader is built, before any batch).
+    Index {
+        file: String,
+        /// (row, sample id) of the offending sample, when one is to blame.
+        sample: Option<(usize, String)>,
+        cause: String,
+    },
+    /// Arguments that cannot be honoured (a sample longer than the packing capacity, a bad rank, ...).
+    Invalid(String),
+    /// The machine, not the data: a thread that cannot start, or a bug in this crate.
+    Runtime(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// The per-image code `probe_images` reports to Python (data/prepare.py counts defects by it).
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::BadBase64(_) => "bad_base64",
+            Error::NotAnImage => "not_an_image",
+            Error::BadHeader(_) => "bad_header",
+            Error::NullImage => "null_image",
+            _ => "error",
+        }
+    }
+
+    /// The error of image row `image_id` in `file`, used by a sample of `dataset`.
+    pub fn at_image(self, file: &str, dataset: Option<&str>, image_id: &str) -> Error {
+        Error::Image {
+            file: file.to_string(),
+            dataset: dataset.map(str::to_string),
+            image_id: image_id.to_string(),
+            cause: Box::new(self),
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::BadBase64(m) => write!(f, "unreadable base64: {m}"),
+            Error::NotAnImage => f.write_str("bytes are not a JPEG, PNG, WebP or GIF image"),
+            Error::BadHeader(m) => write!(f, "corrupt image header: {m}"),
+            Error::BadPixels(m) => f.write_str(m),
+            Error::NullImage => f.write_str("image bytes are null"),
+            Error::File { file, cause } => write!(f, "{file}: {cause}"),
+            Error::Image {
+                file,
+                dataset,
+                image_id,
+                cause,
+            } => {
+                write!(f, "{file}: ")?;
+                if let Some(d) = dataset {
+                    write!(f, "dataset {d}: ")?;
+                }
+                match cause.as_ref() {
+                    // The file is already named: say what could not be read, not the path again.
+                    Error::File { cause, .. } => {
+                        write!(f, "image id '{image_id}': cannot read: {cause}")
+                    }
+                    other => write!(f, "image id '{image_id}': cannot decode: {other}"),
+                }
+            }
+            Error::Index {
+                file,
+                sample,
+                cause,
+            } => match sample {
+                Some((row, id)) => write!(f, "{file}: sample '{id}' (row {row}): {cause}"),
+                None => write!(f, "{file}: {cause}"),
+            },
+            Error::Invalid(m) => f.write_str(m),
+            Error::Runtime(m) => f.write_str(m),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_name_file_dataset_and_id() {
+        let e = Error::BadPixels("cannot decode Png: truncated".into()).at_image(
+            "/d/img.parquet",
+            Some("D"),
+            "BAD",
+        );
+        assert_eq!(
+            e.to_string(),
+            "/d/img.parquet: dataset D: image id 'BAD': cannot decode: cannot decode Png: truncated"
+        );
+        let e = Error::File {
+            file: "/d/img.parquet".into(),
+            cause: "cannot open: gone".into(),
+        }
+        .at_image("/d/img.parquet", None, "X");
+        assert_eq!(
+            e.to_string(),
+            "/d/img.parquet: image id 'X': cannot read: cannot open: gone"
+        );
+        let e = Error::Index {
+            file: "IDX/samples.arrow".into(),
+            sample: Some((3, "q7".into())),
+            cause: "image row 99 out of range".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "IDX/samples.arrow: sample 'q7' (row 3): image row 99 out of range"
+        );
+    }
+
+    #[test]
+    fn probe_codes() {
+        assert_eq!(Error::NotAnImage.code(), "not_an_image");
+        assert_eq!(Error::BadBase64(String::new()).code(), "bad_base64");
+        assert_eq!(Error::Invalid(String::new()).code(), "error");
+    }
+}

@@ -1,0 +1,98 @@
+//! One stored image -> the model's pixels: decode (decode.rs), then Otter's square resize, CLIP's crop or
+//! Fuyu's patches (transform.rs). The one place that picks the transform and the JPEG draft size, shared
+//! by the batch pipeline and the single-image binding used by tests.
+
+use crate::config::{Config, ImageTransform};
+use crate::decode::decode_stored;
+use crate::error::{Error, Result};
+use crate::index::IndexData;
+use crate::transform;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pixels {
+    /// (3, size, size) f32, Otter's normalisation.
+    Otter { size: u32 },
+    /// (3, size, size) f32, CLIP's normalisation.
+    Clip { size: u32 },
+    /// (rows * cols, 2700) f32 patches.
+    Fuyu { max_h: u32, max_w: u32 },
+}
+
+impl Pixels {
+    /// The loader's transform: Fuyu for a Fuyu index, else the configured one.
+    pub fn of(ix: &IndexData, cfg: &Config) -> Pixels {
+        if ix.fuyu {
+            return Pixels::Fuyu {
+                max_h: ix.fuyu_max_h,
+                max_w: ix.fuyu_max_w,
+            };
+        }
+        match cfg.image_transform {
+            ImageTransform::Otter => Pixels::Otter {
+                size: cfg.image_size,
+            },
+            ImageTransform::Clip => Pixels::Clip {
+                size: cfg.image_size,
+            },
+        }
+    }
+
+    /// A transform by name ("otter", "clip", "fuyu"), for the single-image binding.
+    pub fn named(mode: &str, size: u32, max_h: u32, max_w: u32) -> Result<Pixels> {
+        match mode {
+            "otter" => Ok(Pixels::Otter { size }),
+            "clip" => Ok(Pixels::Clip { size }),
+            "fuyu" => Ok(Pixels::Fuyu { max_h, max_w }),
+            _ => Err(Error::Invalid(format!("unknown mode {mode:?}"))),
+        }
+    }
+
+    /// The JPEG draft size (decode at reduced DCT scale) when asked for; never for Fuyu's patches,
+    /// which are cut at full resolution.
+    fn draft(self, jpeg_draft: bool) -> Option<u32> {
+        match self {
+            Pixels::Otter { size } | Pixels::Clip { size } if jpeg_draft => Some(size),
+            _ => None,
+        }
+    }
+
+    /// Decode `blob` and write its pixels into `slot`, sized by the batch layout.
+    pub fn write(
+        self,
+        blob: &[u8],
+        is_base64: bool,
+        jpeg_draft: bool,
+        slot: &mut [f32],
+    ) -> Result<()> {
+        let rgb = decode_stored(blob, is_base64, self.draft(jpeg_draft))?;
+        match self {
+            Pixels::Otter { size } => transform::otter_pixels_into(&rgb, size, slot),
+            Pixels::Clip { size } => transform::clip_pixels_into(&rgb, size, slot),
+            Pixels::Fuyu { max_h, max_w } => {
+                transform::fuyu_patches_into(&rgb, max_h, max_w, slot).map(|_| ())
+            }
+        }
+    }
+
+    /// Decode `blob` into a fresh buffer: (values, patch rows, patch cols); rows = cols = 0 unless Fuyu.
+    pub fn render(
+        self,
+        blob: &[u8],
+        is_base64: bool,
+        jpeg_draft: bool,
+    ) -> Result<(Vec<f32>, usize, usize)> {
+        let rgb = decode_stored(blob, is_base64, self.draft(jpeg_draft))?;
+        let mut out = Vec::new();
+        match self {
+            Pixels::Otter { size } => {
+                transform::otter_pixels(&rgb, size, &mut out).map(|_| (out, 0, 0))
+            }
+            Pixels::Clip { size } => {
+                transform::clip_pixels(&rgb, size, &mut out).map(|_| (out, 0, 0))
+            }
+            Pixels::Fuyu { max_h, max_w } => {
+                transform::fuyu_patches(&rgb, max_h, max_w, &mut out).map(|(r, c)| (out, r, c))
+            }
+        }
+    }
+}
