@@ -183,6 +183,42 @@ def test_corrupt_image_skipped_and_counted(mini, tmp_path, demo_tok_dir):
     assert np.array_equal(nb[0]["input_ids"], rb[0]["input_ids"])
 
 
+def _spoiled_copy(idx, tmp_path, column, spoil):
+    """A copy of the index whose samples.arrow has `column` rewritten by spoil(list of row values)."""
+    import shutil
+
+    import pyarrow as pa
+
+    out = str(tmp_path / "spoiled")
+    shutil.copytree(idx, out)
+    with pa.memory_map(os.path.join(idx, "samples.arrow")) as src:
+        t = pa.ipc.open_file(src).read_all()
+    i = t.schema.get_field_index(column)
+    values = t.column(column).to_pylist()
+    spoil(values)
+    t = t.set_column(i, t.schema.field(i), pa.array(values, type=t.schema.field(i).type))
+    with pa.OSFile(os.path.join(out, "samples.arrow"), "wb") as f, pa.ipc.new_file(f, t.schema) as w:
+        w.write_table(t)
+    return out
+
+
+@pytest.mark.parametrize("column,spoil,message", [
+    # sample 'b' shows image row 99 of an image table of 2 (GOOD, BAD)
+    ("media_images", lambda v: v.__setitem__(1, [[99]]),
+     r"image row 99 out of range \(the image table .*images\.arrow holds 2 images\)"),
+    ("label_spans", lambda v: v.__setitem__(1, [0, 10_000]), r"label span 0\.\.10000 outside its \d+ tokens"),
+])
+def test_index_out_of_range_raises_at_construction(mini, tmp_path, demo_tok_dir, column, spoil, message):
+    """An index whose references leave their tables is refused when the loader is built, with a ValueError
+    naming the file and the sample, before any thread starts (never a panic or a wrong batch)."""
+    idx = _corrupt_dataset(mini, tmp_path, demo_tok_dir)
+    rows = PreparedIndex(idx).samples.column("sample_id").to_pylist()
+    bad = _spoiled_copy(idx, tmp_path, column, spoil)
+    with pytest.raises(ValueError, match=rf"samples\.arrow: sample '{rows[1]}' \(row 1\): {message}") as e:
+        NativeLoader(bad, batch_size=3, pack=False)
+    assert isinstance(e.value, DataError)
+
+
 # ---- decoding, per format ------------------------------------------------------------------------
 
 PHOTO = None
