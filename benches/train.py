@@ -109,7 +109,7 @@ def worker(a) -> dict:
     import torch
 
     from otterfast.data.index import PreparedIndex
-    from otterfast.data.reference import as_torch
+    from otterfast.data.loader import as_torch
     from otterfast.models.build import batch_loss, build_model, load_model_config
 
     torch.set_num_threads(a.cores)

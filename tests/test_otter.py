@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from otterfast.data.index import PreparedIndex
 from otterfast.data.loader import NativeLoader
-from otterfast.data.reference import as_torch
+from otterfast.data.loader import as_torch
 from otterfast.models.build import batch_loss, build_model, load_model_config
 from otterfast.models.flamingo import GatedCrossAttentionBlock
 from otterfast.models.otter_build import flops_per_token

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from otterfast.data.index import PreparedIndex
 from otterfast.data.loader import NativeLoader
-from otterfast.data.reference import as_torch
+from otterfast.data.loader import as_torch
 from otterfast.models.otterhd import otterhd_forward
 from otterfast.models.packing import block_causal_mask
 

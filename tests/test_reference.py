@@ -6,7 +6,8 @@ from PIL import Image
 
 from otterfast.data import images as I
 from otterfast.data.index import PreparedIndex
-from otterfast.data.reference import ReferenceLoader, as_torch, dense_media
+from otterfast.data.loader import as_torch
+from otterfast.data.reference import ReferenceLoader, dense_media
 from otterfast.data.tokenizer import labels_from_spans
 
 

@@ -249,3 +249,11 @@ class NativeLoader(IterableDataset):
         self.epoch = int(state["epoch"])
         self._resume_at = int(state["batches"])
         self._yielded = self._resume_at
+
+
+def as_torch(batch: dict) -> dict:
+    """A loader batch (numpy arrays, from either loader) -> torch tensors without copying (torch.from_numpy);
+    other values unchanged."""
+    import torch
+
+    return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}

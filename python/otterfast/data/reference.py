@@ -1,7 +1,7 @@
 """The reference loader: the prepared index -> model-ready batches, in plain Python (PIL + numpy).
 
 It is the obviously-correct oracle for the native loader (same index, same plan, same outputs) and a
-baseline for benchmarks. A batch is a dict of numpy arrays (`as_torch` wraps them without a copy). Rows
+baseline for benchmarks. A batch is a dict of numpy arrays (`loader.as_torch` wraps them without a copy). Rows
 hold one sample (pack=False, padded to the longest row) or several (pack=True, padded to `capacity`):
 
     input_ids       (B, T) int64   pad id after the row's samples
@@ -216,10 +216,3 @@ def dense_media(batch: dict) -> tuple[np.ndarray, np.ndarray]:
         slot[r] += 1
         start += n
     return out, frames
-
-
-def as_torch(batch: dict) -> dict:
-    """numpy arrays -> torch tensors without copying (torch.from_numpy); other values unchanged."""
-    import torch
-
-    return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
