@@ -61,19 +61,26 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
     columns for a segment of length L. `use_flash` (default: when available, fp16/bf16, no bias): flash-attn's
     varlen kernel instead of the SDPA groups."""
     B, H, T, D = q.shape
-    if k.shape[1] != H:  # grouped-query attention
-        k = k.repeat_interleave(H // k.shape[1], dim=1)
-        v = v.repeat_interleave(H // v.shape[1], dim=1)
-    qf, kf, vf = (x.transpose(1, 2).reshape(B * T, H, x.shape[-1]) for x in (q, k, v))
+
+    def flat(x):  # (B, h, T, d) -> (B*T, h, d)
+        return x.transpose(1, 2).reshape(B * T, x.shape[1], x.shape[-1])
+
     if use_flash is None:
         use_flash = bias is None and flash_attn_available(q.device) and q.dtype in (torch.float16, torch.bfloat16)
-    if use_flash:
+    if use_flash:  # grouped-query attention natively: keys and values keep their own head count
         from flash_attn import flash_attn_varlen_func
 
         m = layout.max_seqlen
-        out = flash_attn_varlen_func(qf, kf, vf, layout.cu_seqlens, layout.cu_seqlens, m, m, dropout_p=dropout,
-                                     softmax_scale=scale, causal=True)
-        return out.view(B, T, H, D)
+        out = flash_attn_varlen_func(flat(q), flat(k), flat(v), layout.cu_seqlens, layout.cu_seqlens, m, m,
+                                     dropout_p=dropout, softmax_scale=scale, causal=True)
+        return out.view(B, T, H, v.shape[-1])
+    if k.shape[1] != H:  # grouped-query attention
+        k = k.repeat_interleave(H // k.shape[1], dim=1)
+        v = v.repeat_interleave(H // v.shape[1], dim=1)
+    if bias is not None and layout.max_seqlen > bias.shape[-1]:
+        raise ValueError(f"a packed sample of {layout.max_seqlen} tokens is longer than the position bias "
+                         f"({bias.shape[-1]}: the model's max_seq_len)")
+    qf, kf, vf = flat(q), flat(k), flat(v)
     outs = []
     for g in layout.groups:
         idx = g.index  # (n, L)
