@@ -5,6 +5,7 @@
     set_activation_checkpointing(model, "decoder")                  # none | decoder | all
     loss_sum, n = batch_loss(model, batch)   # a loader batch as torch tensors; summed loss over n labelled tokens
     flops = flops_per_token(model, seq_len)  # training FLOPs per token, for MFU
+    u = unloaded(cfg, tok)                   # a checkpoint's model split at the weight load (ZeRO-3), or None
 
 `architecture` in the YAML picks the model: `otterhd` (Fuyu) or `otter` (Flamingo), through one table from kind
 to its functions (`KINDS`). Trainable parameters are chosen by the builder from the config's `train` key
@@ -13,6 +14,7 @@ to its functions (`KINDS`). Trainable parameters are chosen by the builder from 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -20,9 +22,19 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from . import otter, otter_build, otterhd
+from . import attention, otter, otter_build, otterhd
 
 CHECKPOINTING = ("none", "decoder", "all")
+
+
+@dataclass(frozen=True)
+class Unloaded:
+    """A checkpoint's model as `build` makes it, split at the weight load: for ZeRO-3 construction, which builds
+    the modules partitioned (deepspeed.zero.Init) and streams the weights in itself (train/zero3_init.py)."""
+
+    checkpoint: str  # the local folder: config.json + *.safetensors
+    construct: Callable[[], torch.nn.Module]  # the architecture from the checkpoint's config, no weight read
+    finish: Callable[[torch.nn.Module], None]  # what `build` does after the load (LoRA, trainable flags, token ids)
 
 
 @dataclass(frozen=True)
@@ -33,12 +45,85 @@ class ModelKind:
     forward: Callable  # (model, batch) -> transformers output with logits (B, T, vocab)
     flops_per_token: Callable  # (model, seq_len) -> float
     checkpointing: Callable  # (model, mode) -> None
+    unloaded: Callable | None = None  # (cfg, tok) -> Unloaded, or None when cfg loads no checkpoint
 
 
 def _otterhd_model_class():
     from transformers import FuyuForCausalLM
 
     return FuyuForCausalLM
+
+
+def _local_checkpoint(path: str, what: str) -> str:
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{what} checkpoint folder not found: {path} (a local copy is needed)")
+    return path
+
+
+def _from_config(cls, conf, folder: str, **kw):
+    """`cls` from `conf` as from_pretrained(folder) builds it, without reading or initialising weights (the
+    caller's context decides what an empty tensor is) and with the folder's generation config."""
+    from transformers import GenerationConfig
+
+    conf.name_or_path = folder
+    model = cls._from_config(conf, **kw)
+    if model.can_generate() and os.path.exists(os.path.join(folder, "generation_config.json")):
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+    return model
+
+
+# The Unloaded halves of build_otterhd / build_otter (their `checkpoint` branch): the vocabulary is grown in the
+# config before construction instead of by resize_token_embeddings after the load (the loader fills the new rows).
+def _otterhd_unloaded(cfg, tok) -> Unloaded | None:
+    if not cfg.checkpoint:
+        return None
+    from transformers import FuyuConfig, FuyuForCausalLM
+
+    folder = _local_checkpoint(cfg.checkpoint, "OtterHD")
+
+    def construct():
+        conf = FuyuConfig.from_pretrained(folder, local_files_only=True)
+        text = conf.get_text_config()
+        text.vocab_size = max(text.vocab_size, tok["vocab_size"])
+        return _from_config(FuyuForCausalLM, conf, folder, dtype=getattr(torch, cfg.dtype),
+                            attn_implementation=attention.resolve(cfg.attn_implementation))
+
+    def finish(model):
+        if cfg.train == "lora":
+            from .lora import inject_lora
+
+            inject_lora(model, **{**otterhd.OTTER_FUYU_LORA, **(cfg.lora or {})})
+            for name, p in model.named_parameters():
+                p.requires_grad_("lora_" in name)
+
+    return Unloaded(folder, construct, finish)
+
+
+def _otter_unloaded(cfg, tok) -> Unloaded | None:
+    if not cfg.checkpoint:
+        return None
+    folder = _local_checkpoint(cfg.checkpoint, "Otter")
+    doc = dict(cfg.otter)
+    lora = doc.pop("lora_config", None)
+    if lora:
+        doc["lora_config"] = None
+
+    def construct():
+        conf = otter.OtterConfig.from_pretrained(folder, local_files_only=True, **doc)
+        conf.text_config.vocab_size = max(conf.text_config.vocab_size, tok["vocab_size"])
+        return _from_config(otter.OtterForConditionalGeneration, conf, folder, dtype=getattr(torch, cfg.dtype))
+
+    def finish(model):
+        otter_build._set_attn_implementation(model.lang_encoder, cfg.attn_implementation)
+        if model.config.media_token_id is None:
+            model.config.media_token_id = tok["media_id"]
+        if model.config.eoc_token_id is None:
+            model.config.eoc_token_id = tok.get("eoc_id")
+        if lora:
+            model.config.lora_config = dict(lora)
+        model.set_trainable()
+
+    return Unloaded(folder, construct, finish)
 
 
 KINDS: dict[str, ModelKind] = {
@@ -48,11 +133,12 @@ KINDS: dict[str, ModelKind] = {
                                                      image_token_id=tok["fuyu_placeholder_id"]),
         # the loss is batch_loss's (summed): logits only
         forward=lambda model, batch: otterhd.otterhd_forward(model, batch, with_loss=False),
-        flops_per_token=otterhd.flops_per_token, checkpointing=otterhd.set_activation_checkpointing),
+        flops_per_token=otterhd.flops_per_token, checkpointing=otterhd.set_activation_checkpointing,
+        unloaded=_otterhd_unloaded),
     "otter": ModelKind(
         config=otter_build.OtterModelConfig, model=otter.OtterForConditionalGeneration,
         build=otter_build.build_otter, forward=otter.otter_forward, flops_per_token=otter_build.flops_per_token,
-        checkpointing=lambda model, mode: model.set_activation_checkpointing(mode)),
+        checkpointing=lambda model, mode: model.set_activation_checkpointing(mode), unloaded=_otter_unloaded),
 }
 
 
@@ -80,6 +166,12 @@ def load_model_config(src):
 def build_model(cfg, tok: dict) -> torch.nn.Module:
     """The model of `cfg`, its vocabulary fitted to the prepared index's tokenizer facts `tok`."""
     return KINDS[cfg.architecture].build(cfg, tok)
+
+
+def unloaded(cfg, tok: dict) -> Unloaded | None:
+    """`build_model(cfg, tok)` split at its weight load, or None when the model loads no checkpoint."""
+    hook = KINDS[cfg.architecture].unloaded
+    return hook(cfg, tok) if hook is not None else None
 
 
 def model_outputs(model, batch: dict):

@@ -69,6 +69,9 @@ class DeepSpeedSection:
     grad_clip: float = 1.0  # global grad-norm clipping (0: off)
     config: str | None = None  # a DeepSpeed JSON used as is; its "auto" values are filled from this file
     optimizer: str = "auto"  # auto | torch | deepspeed: auto = torch AdamW unless offload_optimizer
+    # auto: at stage 3, a model with a local checkpoint is built partitioned under deepspeed.zero.Init and its
+    # safetensors streamed into each rank's partition (train/zero3_init.py); off: built whole on every rank first
+    zero3_init: str = "auto"
 
 
 @dataclass
@@ -110,7 +113,8 @@ _TRAINER_LOADER_KEYS = {"seed": "the top-level `seed`", "rank": "the launcher (R
 # ---- loading: the typed loader of otterfast/config.py, with this schema's exceptions ------------------------
 
 def _adjust(cls, key: str, value: Any) -> Any:
-    if cls is TrainConfig and key == "resume" and isinstance(value, bool):
+    if ((cls is TrainConfig and key == "resume") or (cls is DeepSpeedSection and key == "zero3_init")) \
+            and isinstance(value, bool):
         return "auto" if value else "off"  # YAML 1.1 reads a bare `off` / `on` as a boolean
     return value
 
@@ -180,6 +184,8 @@ def validate(cfg: TrainConfig) -> None:
         bad(f"deepspeed.zero_stage: expected 0, 1, 2 or 3, got {z.zero_stage}")
     if z.offload_params and z.zero_stage != 3:
         bad("deepspeed.offload_params needs zero_stage 3 (DeepSpeed ignores it otherwise)")
+    if z.zero3_init not in ("auto", "off"):
+        bad(f"deepspeed.zero3_init: expected auto or off, got {z.zero3_init!r}")
     if z.offload_optimizer and z.zero_stage == 0:
         bad("deepspeed.offload_optimizer needs zero_stage >= 1")
     if z.optimizer not in ("auto", "torch", "deepspeed"):

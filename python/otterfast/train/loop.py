@@ -169,8 +169,19 @@ def setup_data(cfg, index, index_dir: str, rank: int, world: int) -> DataPlan:
 
 def setup_model(cfg, index, precision: str):
     """The model (same initialisation on every rank), activation checkpointing set, and its FLOPs per token as
-    (a, b) of a + b * L (None when the model has no estimate)."""
-    from ..models.build import build_model, flops_per_token, load_model_config, set_activation_checkpointing
+    (a, b) of a + b * L (None when the model has no estimate).
+
+    At ZeRO stage 3 a model with a local checkpoint is built partitioned under deepspeed.zero.Init, its
+    safetensors streamed into each rank's partition (train/zero3_init.py; `deepspeed.zero3_init: off` builds it
+    whole as at stages 0-2, and deepspeed.initialize partitions it). Each rank prints its peak RSS once the
+    model is ready."""
+    import torch.distributed as dist
+
+    from ..models.build import (build_model, flops_per_token, load_model_config, set_activation_checkpointing,
+                                unloaded)
+    from . import zero3_init
+    from .deepspeed_setup import ds_config
+    from .metrics import peak_memory_gb
 
     _seed_all(cfg.seed)
     mcfg = load_model_config(cfg.model.config or cfg.model.inline)
@@ -178,16 +189,27 @@ def setup_model(cfg, index, precision: str):
     if (arch == "otterhd") != (index.format == "fuyu"):
         raise ValueError(f"model architecture {arch} does not fit index format {index.format!r} "
                          "(otterhd needs --format fuyu; otter needs simple/llama2/idefics)")
-    model = build_model(mcfg, index.tok)
-    if precision == "fp32":
-        model = model.float()
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    parts = unloaded(mcfg, index.tok)
+    ds = ds_config(cfg, precision, cfg.data.loader.batch_size, world)  # the one setup_engine makes
+    if zero3_init.wanted(ds, cfg.deepspeed.zero3_init, parts):
+        model = zero3_init.build_partitioned(parts, ds, getattr(torch, mcfg.dtype))
+        counted, how = zero3_init.meta_twin(parts), "built partitioned under zero.Init, checkpoint streamed in"
+    else:
+        model = build_model(mcfg, index.tok)
+        if precision == "fp32":
+            model = model.float()
+        counted, how = model, "built whole"
     model.train()
     set_activation_checkpointing(model, cfg.model.activation_checkpointing)
-    try:  # FLOPs per token are linear in the sequence length: a + b * L; measured once, before partitioning
-        f0 = float(flops_per_token(model, 0))
-        flops = (f0, float(flops_per_token(model, 1)) - f0)
+    try:  # FLOPs per token are linear in the sequence length: a + b * L; counted on whole parameters
+        f0 = float(flops_per_token(counted, 0))
+        flops = (f0, float(flops_per_token(counted, 1)) - f0)
     except Exception:  # a model without an estimate: no MFU
         flops = None
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    print(f"[train] rank {rank}: model {how}; peak RSS {peak_memory_gb(torch.device('cpu')) * 1024:.0f} MiB",
+          flush=True)
     return model, arch, flops
 
 
