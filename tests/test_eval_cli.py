@@ -280,3 +280,35 @@ def test_run_resumes_an_interrupted_run_from_its_partial_file(tmp_path, bench):
     again = FakeModel()
     run_config(_config(tmp_path, {"pope": bench["pope"]}), models={"fake": again}, progress=False)
     assert len(again.calls) == len(lines) - 2
+
+
+@pytest.mark.parametrize("name,why", [("../escaped", "path separator"), ("..", "not a folder name"),
+                                      ("a/b", "path separator"), ("a\\b", "path separator"),
+                                      ("ABSOLUTE", "absolute path"), ("x\ny", "control character"),
+                                      (7, "not a string")])
+def test_model_and_dataset_names_cannot_leave_the_output_folder(tmp_path, bench, name, why):
+    """Issue 14 item 5: a name from the config becomes <output>/<model>/<dataset>; none may point elsewhere."""
+    if name == "ABSOLUTE":
+        name = str(tmp_path / "elsewhere")
+    for where in ("models", "datasets"):
+        cfg = _config(tmp_path, bench)
+        cfg[where][0]["name"] = name
+        with pytest.raises(ConfigError, match=rf"{where}\[0\]\.name: .*{why}"):
+            parse_config(cfg)
+        with pytest.raises(ConfigError, match=why):
+            run_config(cfg, models={"fake": FakeModel()}, progress=False)
+    # a RunConfig built without parse_config is checked where the folder is made
+    rc = parse_config(_config(tmp_path, bench))
+    rc.datasets[0]["name"] = "../../escaped" if isinstance(name, int) else name
+    with pytest.raises(ConfigError):
+        run_config(rc, models={"fake": FakeModel()}, progress=False)
+    assert not (tmp_path / "escaped").exists() and not (tmp_path / "elsewhere").exists()
+    assert not any(p.name == "predictions.jsonl" for p in tmp_path.glob("**/*") if "runs" not in p.parts)
+
+
+def test_ordinary_names_still_work(tmp_path, bench):
+    cfg = _config(tmp_path, bench)
+    cfg["models"][0]["name"] = "otter 9b.v2"
+    cfg["datasets"] = [{"task": "pope", "data": bench["pope"], "name": "pope-adversarial_1"}]
+    run_config(cfg, models={"otter 9b.v2": FakeModel()}, progress=False)
+    assert (tmp_path / "runs" / "otter 9b.v2" / "pope-adversarial_1" / "metrics.json").exists()

@@ -16,7 +16,8 @@ from otterfast.eval.synth import image_struct, png, write_parquet
 
 
 class Stub:
-    """A chat-completions server whose replies come from `script` (a list consumed per request) or `default`."""
+    """A chat-completions server whose replies come from `script` (a list consumed per request) or `default`:
+    (status, content) or (status, content, headers). GET requests (a followed redirect) are recorded too."""
 
     def __init__(self):
         self.requests: list[dict] = []
@@ -29,10 +30,19 @@ class Stub:
             def log_message(self, *a):  # keep pytest output clean
                 pass
 
+            def do_GET(self):
+                stub.requests.append({"method": "GET", "path": self.path, "body": None,
+                                      "host": self.headers.get("Host"), "auth": self.headers.get("Authorization")})
+                self.send_response(404)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                stub.requests.append({"path": self.path, "body": body, "auth": self.headers.get("Authorization")})
-                status, content = stub.script.pop(0) if stub.script else stub.default
+                stub.requests.append({"method": "POST", "path": self.path, "body": body,
+                                      "host": self.headers.get("Host"), "auth": self.headers.get("Authorization")})
+                status, content, *extra = stub.script.pop(0) if stub.script else stub.default
+                headers = extra[0] if extra else {}
                 if callable(content):
                     content = content(body)
                 if stub.delay:
@@ -44,6 +54,8 @@ class Stub:
                 data = json.dumps(payload).encode()
                 try:
                     self.send_response(status)
+                    for k, v in headers.items():
+                        self.send_header(k, v)
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(data)))
                     self.end_headers()
@@ -157,6 +169,101 @@ def test_config_validation():
         JudgeConfig.from_dict({"url": "u", "model": "m", "key": "x"})
     with pytest.raises(ValueError, match="missing"):
         JudgeConfig.from_dict({"url": "u"})
+
+
+# ---------------------------------------------------------------- the key travels safely (issue 14 item 11)
+
+@pytest.mark.parametrize("url", ["https://api.example.com/v1", "http://127.0.0.1:8000/v1", "http://localhost/v1",
+                                 "http://127.0.0.9:1/v1", "http://[::1]:8080/v1", "HTTP://LOCALHOST:1/v1"])
+def test_https_or_loopback_accepted(url):
+    assert JudgeConfig.from_dict({"url": url, "model": "m"}).url == url
+
+
+@pytest.mark.parametrize("url", ["http://api.example.com/v1", "http://10.0.0.1:8000/v1", "http://localhost.evil.com/v1",
+                                 "http://127.0.0.1.nip.io/v1", "ftp://127.0.0.1/v1", "api.example.com/v1", "https:///v1"])
+def test_plain_http_to_a_network_host_refused(url):
+    with pytest.raises(ValueError, match="judge: url"):
+        JudgeConfig.from_dict({"url": url, "model": "m"})
+    with pytest.raises(ValueError, match="judge: url"):  # also when built directly, as the API allows
+        JudgeConfig(url=url, model="m")
+
+
+def test_redirect_to_another_host_is_not_followed(stub, tmp_path, monkeypatch):
+    monkeypatch.setenv("STUB_KEY", "sk-secret")
+    port = stub.server.server_address[1]
+    for code in (301, 302, 303, 307, 308):
+        stub.requests.clear()
+        # the same server under another host name: "localhost" is not the configured "127.0.0.1"
+        stub.script = [(code, "moved", {"Location": f"http://localhost:{port}/steal/chat/completions"})]
+        j = _judge(stub, tmp_path, api_key_env="STUB_KEY")
+        r = j.ask(f"p{code}", parse_score)
+        assert not r.ok and "redirect" in r.error and r.attempts == 1, r.error
+        assert len(stub.requests) == 1 and stub.requests[0]["method"] == "POST"  # nothing sent to the new host
+        assert not any(q["auth"] and "steal" in q["path"] for q in stub.requests)
+
+
+def test_redirect_within_the_same_host_is_not_a_leak(stub, tmp_path, monkeypatch):
+    monkeypatch.setenv("STUB_KEY", "sk-secret")
+    stub.script = [(302, "moved", {"Location": "/v2/chat/completions"})]
+    r = _judge(stub, tmp_path, api_key_env="STUB_KEY").ask("p", parse_score)
+    # urllib turns a redirected POST into a GET (no body): followed on the same host only, then a clean failure
+    assert not r.ok and [q["method"] for q in stub.requests] == ["POST", "GET"]
+    assert {q["host"] for q in stub.requests} == {f"127.0.0.1:{stub.server.server_address[1]}"}
+
+
+def test_retry_after_is_honoured(stub, tmp_path):
+    sleeps: list[float] = []
+    stub.script = [(429, "slow down", {"Retry-After": "7"}), (503, "busy", {"Retry-After": "2"}), (200, "0.5")]
+    r = _judge(stub, tmp_path, sleeps).ask("p", parse_score)
+    assert r.ok and r.value == 0.5 and sleeps == [7.0, 2.0]  # the server's wait, not the 0.5 s backoff
+    # without the header: exponential backoff as before
+    sleeps.clear()
+    stub.script = [(429, "slow down"), (200, "0.5")]
+    assert _judge(stub, tmp_path, sleeps).ask("q", parse_score).ok and sleeps == [0.5]
+    # a wait beyond max_retry_after_s fails the prompt now (counted, retried on the next run), never hangs
+    sleeps.clear()
+    n = len(stub.requests)
+    stub.script = [(429, "slow down", {"Retry-After": "3600"})]
+    j = _judge(stub, tmp_path, sleeps, max_retry_after_s=60)
+    r = j.ask("z", parse_score)
+    assert not r.ok and "Retry-After 3600" in r.error and sleeps == [] and len(stub.requests) == n + 1
+    assert j.stats.failures == 1
+
+
+def test_retry_after_http_date():
+    from otterfast.eval.judge import retry_after_s
+
+    now = 1_700_000_000.0
+    date = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now + 30))
+    assert retry_after_s(date, now=now) == pytest.approx(30.0)
+    assert retry_after_s("12", now=now) == 12.0
+    assert retry_after_s(time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now - 30)), now=now) == 0.0
+    assert retry_after_s("soon") is None and retry_after_s(None) is None and retry_after_s("-3") is None
+
+
+def test_inline_api_key_warns(tmp_path, capsys):
+    from otterfast.cli import main
+    from otterfast.eval.judge import SecretInConfigWarning
+    from otterfast.eval.runner import parse_config
+
+    cfg = {"output": str(tmp_path / "o"), "models": [{"name": "m", "kind": "replay", "predictions": "p"}],
+           "datasets": [{"task": "pope", "data": "missing.parquet"}],
+           "judge": {"url": "https://judge.example/v1", "model": "j", "api_key": "sk-inline"}}
+    with pytest.warns(SecretInConfigWarning, match="api_key_env"):
+        parse_config(cfg)
+    ok = {**cfg, "judge": {"url": "https://judge.example/v1", "model": "j", "api_key_env": "JUDGE_KEY"}}
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SecretInConfigWarning)
+        parse_config(ok)  # the environment variable: no warning
+    # the command says it on one line of its own (and then fails on the missing data file, as it should)
+    path = tmp_path / "eval.yaml"
+    path.write_text(json.dumps(cfg))
+    assert main(["eval", "run", str(path), "--quiet"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("otterfast eval run: warning: judge.api_key is written in the config")
+    assert "sk-inline" not in "\n".join(err)
 
 
 # ---------------------------------------------------------------- judged tasks (trap 10)

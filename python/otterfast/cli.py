@@ -8,6 +8,12 @@ Each area registers its own sub-commands (`register(sub)`), and imports nothing 
     otterfast generate                  generate/cli.py
     otterfast eval run | score          eval/cli.py
     otterfast bench loader | train      benches/*.py from a source checkout (source_tree.py)
+
+Errors. `main` is the one place that turns what a user can get wrong into one line on stderr,
+`otterfast <sub-command>: <message>`, and exit status 2: wrong usage (argparse), bad values and configs (ValueError,
+which ConfigError, DataError, the eval errors and pyarrow's ArrowInvalid all are), YAML that does not parse, and
+missing or unreadable files. Anything else is a bug and keeps its traceback; OTTERFAST_TRACEBACK=1 shows the
+traceback of the user errors too.
 """
 
 from __future__ import annotations
@@ -28,8 +34,19 @@ def cmd_bench_loader(a) -> int:
     return run_bench("loader.py", a.args)
 
 
+TRACEBACK_ENV = "OTTERFAST_TRACEBACK"
+
+
+class _Parser(argparse.ArgumentParser):
+    """Wrong usage is one line naming the problem (the sub-command parsers inherit this class)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="otterfast", description="Fast, correct training for Otter / OtterHD.")
+    p = _Parser(prog="otterfast", description="Fast, correct training for Otter / OtterHD.",
+                epilog=f"Errors print one line; {TRACEBACK_ENV}=1 shows their traceback.")
     sub = p.add_subparsers(dest="command", required=True)
     demo_run.register(sub)  # `otterfast demo`
     data_cli.register(sub)  # `otterfast data ...`
@@ -46,9 +63,37 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    from .data.defects import DataError
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """What a user can get wrong (bad values, configs and data; YAML that does not parse; missing or unreadable
+    files). Anything else is a bug: it keeps its traceback."""
+    import yaml
 
+    return (ValueError, yaml.YAMLError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
+            FileExistsError)
+
+
+def _message(e: BaseException) -> str:
+    """The error as one line; only a defect report (DefectsFound) keeps its lines: the count first, then one line
+    per defect kind and example."""
+    from .data.defects import DefectsFound
+
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        return f"{e.filename}: {e.strerror}"
+    msg = str(e) or type(e).__name__
+    if isinstance(e, DefectsFound):
+        return msg.strip()
+    return " ".join(msg.split())
+
+
+def _command_name(args: argparse.Namespace) -> str:
+    words = ["otterfast", args.command]
+    for k in ("data_command", "eval_command", "bench_command"):
+        if getattr(args, k, None):
+            words.append(getattr(args, k))
+    return " ".join(words)
+
+
+def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # The `deepspeed` launcher puts --local_rank=N before the sub-command; the rank also comes as LOCAL_RANK.
     rest = []
@@ -65,11 +110,17 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:2] == ["bench", "loader"]:  # everything after goes to benches/loader.py, --help included
         return cmd_bench_loader(argparse.Namespace(args=argv[2:]))
     args = build_parser().parse_args(argv)
+    if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+        return args.func(args)
     try:
         return args.func(args)
-    except DataError as e:
-        print(f"otterfast: data error: {e}", file=sys.stderr)
+    except _user_errors() as e:
+        if os.environ.get("RANK", "0") in ("", "0"):  # under torchrun every rank meets the same check: rank 0 says it
+            print(f"{_command_name(args)}: {_message(e)}", file=sys.stderr, flush=True)
         return 2
+    except KeyboardInterrupt:
+        print(f"{_command_name(args)}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

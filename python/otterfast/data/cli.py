@@ -88,7 +88,13 @@ def cmd_inspect(a) -> int:
     from .index import PreparedIndex
     from .tokenizer import labels_from_spans
 
-    idx = PreparedIndex(a.dir)
+    try:
+        idx = PreparedIndex(a.dir)
+    except KeyError as e:  # a meta.json of something else
+        raise ValueError(f"{a.dir}: not a prepared index (meta.json has no {e})") from e
+    if not 0 <= a.index < len(idx):
+        raise ValueError(f"--index {a.index} is out of range: {a.dir} holds {len(idx)} samples"
+                         + (f" (0..{len(idx) - 1})" if len(idx) else ""))
     s = idx.sample(a.index)
     rec = {
         "sample_id": s.sample_id, "dataset": s.dataset, "group": s.group, "source_ids": s.source_ids,

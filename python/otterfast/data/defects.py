@@ -26,6 +26,7 @@ DEFECT_KINDS = {
     "bad_base64": "image text that is not base64",
     "not_an_image": "bytes that are not a JPEG, PNG, WebP or GIF image",
     "bad_header": "an image whose header is truncated or corrupt",
+    "unreadable_table": "an image whose parquet page cannot be read (a corrupt or truncated table file)",
     "image_too_large": "an image whose header declares more pixels than --max-image-pixels (decompression bomb)",
 }
 
@@ -38,6 +39,11 @@ TRUNCATION_KINDS = {
 
 class DataError(ValueError):
     """Bad input data. The message names the file and the id."""
+
+
+class DefectsFound(DataError):
+    """The defects of a whole validation in raise mode: a first line with the count, then one line per kind and per
+    example (the CLI prints it as it is; any other error is one line)."""
 
 
 @dataclass
@@ -84,7 +90,7 @@ class DefectReport:
             lines += [f"  {kind}: {n}" for kind, n in sorted(self.counts.items())]
             lines.append("first examples:")
             lines += [f"  {d}" for d in self.examples]
-            raise DataError("\n".join(lines))
+            raise DefectsFound("\n".join(lines))
 
     def as_dict(self) -> dict:
         return {

@@ -120,12 +120,18 @@ class _ImageCatalog:
             self.by_path[path] = si
             ids: dict[str, ImageRef] = {}
             dupes: set[str] = set()
-            for image_id, ref in scan_ids(src):
-                if image_id in ids:
-                    report.add("duplicate_image_id", src.files[ref.file], image_id, "appears twice in this table")
-                    dupes.add(image_id)
-                else:
-                    ids[image_id] = ref
+            try:
+                for image_id, ref in scan_ids(src):
+                    if image_id in ids:
+                        report.add("duplicate_image_id", src.files[ref.file], image_id, "appears twice in this table")
+                        dupes.add(image_id)
+                    else:
+                        ids[image_id] = ref
+            except DataError:
+                raise
+            except (ValueError, OSError, pa.ArrowException) as e:  # a corrupt page of the id column (ArrowInvalid)
+                raise DataError(f"{path}: corrupt parquet table: its image ids cannot be read "
+                                f"({' '.join(str(e).split())})") from None
             self.ids_by_source[si] = ids
             self.dupes_by_source[si] = dupes
         return self.by_path[path]
@@ -269,8 +275,13 @@ def _probe_referenced(
             _apply_probe(rows, ris, probe_arrow(arr, is_b64), src, opts, report)
             continue
         ris.sort(key=lambda i: rows[i]["ref"].row)
-        probed = _native.probe_parquet_rows(src.files[fi], src.image_column, rg,
-                                            [rows[i]["ref"].row for i in ris], is_b64)
+        try:
+            probed = _native.probe_parquet_rows(src.files[fi], src.image_column, rg,
+                                                [rows[i]["ref"].row for i in ris], is_b64)
+        except (ValueError, OSError) as e:  # a corrupt page: every image wanted from this row group is a defect
+            msg = " ".join(str(e).removeprefix(f"{src.files[fi]}: ").split())
+            msg = msg if msg.startswith("row group") else f"row group {rg}: {msg}"
+            probed = [("unreadable_table", 0, 0, "", 0, f"cannot be read: {msg}")] * len(ris)
         _apply_probe(rows, ris, probed, src, opts, report)
     bad = {i for i, r in enumerate(rows) if r.get("defect")}
     if bad:

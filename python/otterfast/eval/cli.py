@@ -1,9 +1,12 @@
-"""`otterfast eval run|score`. Registered from otterfast.cli; imports nothing heavy until a command runs."""
+"""`otterfast eval run|score`. Registered from otterfast.cli; imports nothing heavy until a command runs. Their
+errors (LayoutError, PredictionsError, ConfigError, TaskError: ValueErrors; missing files) are printed as one line by
+otterfast.cli's `main`."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 
 def _kv(s: str) -> tuple[str, object]:
@@ -21,7 +24,10 @@ def cmd_score(a) -> int:
     from .score import score_files, withheld
 
     judge = None
-    if a.judge_url or a.judge_model:
+    if bool(a.judge_url) != bool(a.judge_model):
+        raise ValueError("--judge-url and --judge-model go together: the judge needs both (an OpenAI-compatible "
+                         "base URL and the model it serves)")
+    if a.judge_url:
         cfg = {"url": a.judge_url, "model": a.judge_model, "api_key_env": a.judge_key_env,
                "cache_dir": a.judge_cache, "max_attempts": a.judge_attempts}
         judge = Judge(JudgeConfig.from_dict({k: v for k, v in cfg.items() if v is not None}))
@@ -36,11 +42,16 @@ def cmd_score(a) -> int:
 
 
 def cmd_run(a) -> int:
+    from .judge import SecretInConfigWarning
     from .report import markdown
     from .runner import load_config, run_config
     from .score import withheld
 
-    rc = load_config(a.config)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", SecretInConfigWarning)
+        rc = load_config(a.config)
+    for w in caught:
+        print(f"otterfast eval run: warning: {w.message}", file=sys.stderr)
     if a.output:
         import os
 
@@ -58,21 +69,6 @@ def cmd_run(a) -> int:
     return 0
 
 
-def _main(func):
-    def wrapped(a) -> int:
-        from .data import LayoutError
-        from .predictions import PredictionsError
-        from .runner import ConfigError
-        from .tasks import TaskError
-
-        try:
-            return func(a)
-        except (LayoutError, PredictionsError, ConfigError, TaskError, FileNotFoundError) as e:
-            print(f"otterfast eval: {e}", file=sys.stderr)
-            return 2
-    return wrapped
-
-
 def register(subparsers) -> None:
     from .tasks import TASKS
 
@@ -85,7 +81,7 @@ def register(subparsers) -> None:
     r.add_argument("--limit", type=int, help="rows per dataset (MME keeps pairs, MMBench circular groups)")
     r.add_argument("--no-resume", action="store_true", help="regenerate rows already in predictions.jsonl")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
-    r.set_defaults(func=_main(cmd_run))
+    r.set_defaults(func=cmd_run)
 
     s = esub.add_parser("score", help="re-score saved replies without a model")
     s.add_argument("--task", required=True, choices=sorted(TASKS))
@@ -100,4 +96,4 @@ def register(subparsers) -> None:
     s.add_argument("--judge-key-env", help="environment variable that holds the judge's API key")
     s.add_argument("--judge-cache", help="folder for cached judge replies")
     s.add_argument("--judge-attempts", type=int, help="attempts per judge prompt (default 4)")
-    s.set_defaults(func=_main(cmd_score))
+    s.set_defaults(func=cmd_score)

@@ -4,16 +4,23 @@
 - attempts are bounded; transport errors back off exponentially, an unusable reply is retried at a higher
   temperature (as Otter's MM-Vet grader does), a 4xx other than 408/409/429 fails at once (a bad key stays bad);
 - a failure is returned as a failure (ok=False, with the error) for the caller to count: never a score of 0
-  (eval-reference 1.3 trap 10).
+  (eval-reference 1.3 trap 10);
+- the key travels safely: the URL must be https unless its host is loopback (a local stub or proxy), a redirect to
+  another origin (scheme, host, port) is not followed (the Authorization header never leaves the configured
+  host), a Retry-After on a 429/503 is honoured (up to max_retry_after_s; longer fails the prompt now), and a key
+  written inline in a config is warned about (name an environment variable with api_key_env instead).
 """
 
 from __future__ import annotations
 
+import email.utils
 import hashlib
+import ipaddress
 import json
 import os
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -21,7 +28,62 @@ from typing import Any, Callable
 from ..config import check_keys
 
 JUDGE_KEYS = ("url", "model", "api_key", "api_key_env", "cache_dir", "max_attempts", "backoff_s", "max_backoff_s",
-              "timeout_s", "temperature", "temperature_step", "max_tokens")
+              "max_retry_after_s", "timeout_s", "temperature", "temperature_step", "max_tokens")
+
+
+class SecretInConfigWarning(UserWarning):
+    """An API key written in a config file (which gets copied, committed and logged)."""
+
+
+def check_url(url: str) -> None:
+    """https, or http to a loopback host only: the prompts and the API key never cross a network in clear text."""
+    u = urllib.parse.urlsplit(str(url))
+    if u.scheme not in ("http", "https") or not u.hostname:
+        raise ValueError(f"judge: url {url!r} is not an http(s) URL")
+    if u.scheme == "http" and not is_loopback(u.hostname):
+        raise ValueError(f"judge: url {url!r} uses http to a non-loopback host: use https (http is allowed only "
+                         "for localhost / 127.0.0.1 / ::1)")
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    u = urllib.parse.urlsplit(url)
+    return u.scheme.lower(), (u.hostname or "").lower(), u.port or {"http": 80, "https": 443}.get(u.scheme.lower())
+
+
+def retry_after_s(value: str | None, now: float | None = None) -> float | None:
+    """A Retry-After header in seconds: delta-seconds or an HTTP date; None when absent or unreadable."""
+    if not value:
+        return None
+    v = value.strip()
+    if v.isdigit():
+        return float(v)
+    try:
+        when = email.utils.parsedate_to_datetime(v)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+class _SameOriginRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow a redirect only within the endpoint's own origin: the Authorization header never goes elsewhere."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        target = urllib.parse.urljoin(req.full_url, newurl)
+        if _origin(target) != _origin(req.full_url):
+            raise _Fatal(f"HTTP {code} redirect to another host ({_origin(target)[1] or target}): not followed, the "
+                         "API key stays with the configured host")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
 @dataclass
@@ -34,6 +96,7 @@ class JudgeConfig:
     max_attempts: int = 4
     backoff_s: float = 1.0
     max_backoff_s: float = 30.0
+    max_retry_after_s: float = 120.0  # a server's Retry-After is honoured up to this; a longer one fails the prompt
     timeout_s: float = 60.0
     temperature: float = 0.0
     temperature_step: float = 0.5
@@ -49,6 +112,9 @@ class JudgeConfig:
         if cfg.max_attempts < 1:
             raise ValueError("judge: max_attempts must be at least 1")
         return cfg
+
+    def __post_init__(self) -> None:
+        check_url(self.url)
 
     def key(self) -> str | None:
         if self.api_key:
@@ -86,6 +152,14 @@ class _Fatal(Exception):
     pass
 
 
+class _RetryAfter(Exception):
+    """A retryable HTTP status whose server said how long to wait."""
+
+    def __init__(self, code: int, seconds: float):
+        super().__init__(f"HTTP {code}: Retry-After {seconds:g}s")
+        self.code, self.seconds = code, seconds
+
+
 class Judge:
     def __init__(self, cfg: JudgeConfig, sleep: Callable[[float], None] = time.sleep):
         self.cfg = cfg
@@ -93,6 +167,7 @@ class Judge:
         self.stats = JudgeStats()
         u = cfg.url.rstrip("/")
         self.endpoint = u if u.endswith("/chat/completions") else u + "/chat/completions"
+        self._opener = urllib.request.build_opener(_SameOriginRedirects)
 
     # ------------------------------------------------------------ cache
     def cache_key(self, prompt: str) -> str:
@@ -137,11 +212,16 @@ class Judge:
         req = urllib.request.Request(self.endpoint, data=json.dumps(body).encode(), headers=headers, method="POST")
         self.stats.requests += 1
         try:
-            with urllib.request.urlopen(req, timeout=self.cfg.timeout_s) as r:
+            with self._opener.open(req, timeout=self.cfg.timeout_s) as r:
                 data = json.loads(r.read().decode("utf-8"))
         except urllib.error.HTTPError as e:
+            if 300 <= e.code < 400:
+                raise _Fatal(f"HTTP {e.code} redirect not followed") from e
             if 400 <= e.code < 500 and e.code not in (408, 409, 429):
                 raise _Fatal(f"HTTP {e.code}") from e
+            wait = retry_after_s(e.headers.get("Retry-After") if e.headers else None)
+            if wait is not None:
+                raise _RetryAfter(e.code, wait) from e
             raise
         try:
             content = data["choices"][0]["message"]["content"]
@@ -167,6 +247,14 @@ class Judge:
             except _Fatal as e:
                 last_err = str(e)
                 return self._fail(last_err, attempt)
+            except _RetryAfter as e:
+                last_err = str(e)
+                if e.seconds > self.cfg.max_retry_after_s:
+                    return self._fail(f"HTTP {e.code}: Retry-After {e.seconds:g}s is over max_retry_after_s "
+                                      f"{self.cfg.max_retry_after_s:g}", attempt)
+                if attempt < self.cfg.max_attempts:
+                    self.sleep(e.seconds)
+                continue
             except (urllib.error.URLError, OSError, ValueError) as e:
                 last_err = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
                 if attempt < self.cfg.max_attempts:

@@ -19,6 +19,8 @@ from __future__ import annotations
 import os
 from typing import Any, Protocol, runtime_checkable
 
+from ..config import ConfigError
+
 MODEL_KINDS = ("otter", "otterhd", "replay", "external")
 
 # Otter's benchmark settings (eval-reference 1.0, 2.2): Otter beams 3 with no_repeat_ngram_size 3; OtterHD greedy.
@@ -54,7 +56,7 @@ class ReplayModel:
     def path_for(self, dataset: str) -> str:
         if isinstance(self.predictions, dict):
             if dataset not in self.predictions:
-                raise KeyError(f"replay model {self.name!r}: no predictions file for dataset {dataset!r}; "
+                raise ConfigError(f"replay model {self.name!r}: no predictions file for dataset {dataset!r}; "
                                f"it has {sorted(self.predictions)}")
             return self.predictions[dataset]
         for cand in (os.path.join(self.predictions, dataset, "predictions.jsonl"),

@@ -18,11 +18,12 @@ from __future__ import annotations
 import copy
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import ConfigError, check_keys, coerce, read_yaml
-from .judge import Judge, JudgeConfig
+from .judge import Judge, JudgeConfig, SecretInConfigWarning
 from .model_api import DEFAULT_DECODE, GENERATOR_KEYS, MODEL_KINDS, ReplayModel, describe, load_eval_model
 from .predictions import read_predictions, write_line
 from .progress import Progress
@@ -68,6 +69,7 @@ def parse_config(cfg: dict, base_dir: str = ".") -> RunConfig:
         check_keys(m, MODEL_KEYS, where)
         if not m.get("name") or not m.get("kind"):
             raise ConfigError(f"{where}: `name` and `kind` are required")
+        check_name(m["name"], f"{where}.name")
         if m["kind"] not in MODEL_KINDS:
             raise ConfigError(f"{where}: kind {m['kind']!r}; valid: {list(MODEL_KINDS)}")
         if m["name"] in names:
@@ -102,6 +104,7 @@ def parse_config(cfg: dict, base_dir: str = ".") -> RunConfig:
         if "limit" in d:
             d["limit"] = coerce(d["limit"], int | None, f"{where}.limit")
         d.setdefault("name", d["task"])
+        check_name(d["name"], f"{where}.name")
         if d["name"] in dnames:
             raise ConfigError(f"{where}: dataset name {d['name']!r} used twice")
         dnames.add(d["name"])
@@ -115,10 +118,44 @@ def parse_config(cfg: dict, base_dir: str = ".") -> RunConfig:
             JudgeConfig.from_dict(cfg["judge"])
         except (ValueError, TypeError) as e:
             raise ConfigError(str(e)) from e
+        if cfg["judge"].get("api_key"):
+            warnings.warn("judge.api_key is written in the config, which gets copied, committed and logged: put the "
+                          "key in an environment variable and name it with judge.api_key_env", SecretInConfigWarning,
+                          stacklevel=2)
     return RunConfig(output=path(coerce(cfg["output"], str, "output")), models=cfg["models"],
                      datasets=cfg["datasets"], judge=cfg.get("judge"),
                      limit=coerce(cfg.get("limit"), int | None, "limit"),
                      resume=coerce(cfg.get("resume", True), bool, "resume"), base_dir=base_dir, raw=cfg)
+
+
+def check_name(name, where: str) -> None:
+    """A model or dataset name is a folder under `output`: one plain path component, so that no name (`../x`, an
+    absolute path, `a/b`) writes outside the output folder."""
+    if not isinstance(name, str):
+        raise ConfigError(f"{where}: {name!r} is not a string")
+    bad = None
+    if name in ("", ".", ".."):
+        bad = "is not a folder name"
+    elif os.path.isabs(name) or os.path.splitdrive(name)[0] or name.startswith("\\"):
+        bad = "is an absolute path"
+    elif "/" in name or "\\" in name or os.sep in name or (os.altsep and os.altsep in name):
+        bad = "contains a path separator"
+    elif any(ord(c) < 32 or c == "\x7f" for c in name):
+        bad = "contains a control character"
+    if bad:
+        raise ConfigError(f"{where}: {name!r} {bad}; it names a folder under `output`: use a plain name such as "
+                          "'otter-9b'")
+
+
+def output_folder(rc: RunConfig, model_name: str, dataset_name: str) -> str:
+    """<output>/<model>/<dataset>, refused when the names would leave <output>."""
+    check_name(model_name, "model name")
+    check_name(dataset_name, "dataset name")
+    root = os.path.abspath(rc.output)
+    folder = os.path.abspath(os.path.join(root, model_name, dataset_name))
+    if os.path.commonpath([root, folder]) != root:
+        raise ConfigError(f"{model_name}/{dataset_name}: leaves the output folder {root}")
+    return folder
 
 
 def load_config(path: str) -> RunConfig:
@@ -146,7 +183,7 @@ def run_dataset(model, mspec: dict, dspec: dict, rc: RunConfig, judge: Judge | N
         canonical(mspec.get("template") or getattr(model, "template", None) or "otter-image")
     decode = {**DEFAULT_DECODE.get(mspec["kind"], {}), **(mspec.get("decode") or {}), **(dspec.get("decode") or {})}
 
-    folder = os.path.join(rc.output, mspec["name"], dspec["name"])
+    folder = output_folder(rc, mspec["name"], dspec["name"])
     os.makedirs(folder, exist_ok=True)
     pred_path = os.path.join(folder, "predictions.jsonl")
     old = _resumable(pred_path) if rc.resume else {}

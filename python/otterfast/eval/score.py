@@ -28,7 +28,7 @@ def score_lines(task_name: str, data: str, lines: dict[int, dict], options: dict
     if bad:
         raise ValueError(f"predictions name rows {bad[:5]} but {data} has {loaded.n_rows} rows")
     kept = [it for it in loaded.items if task.skip(it, opts) is None]
-    metrics, samples = task.metrics(loaded.items, lines, opts, judge)
+    metrics, samples = task.metrics(loaded.items, _text_replies(lines), opts, judge)
     result: dict[str, Any] = {
         "task": task_name, "n": len(samples), "metrics": metrics, "data": data, "layout": loaded.layout,
         "rows": loaded.n_rows, "missing": sum(it.row not in lines for it in kept),
@@ -37,6 +37,15 @@ def score_lines(task_name: str, data: str, lines: dict[int, dict], options: dict
     if judge is not None:
         result["judge"] = {"model": judge.cfg.model, **judge.stats.as_dict()}
     return result, samples
+
+
+def _text_replies(lines: dict[int, dict]) -> dict[int, dict]:
+    """Every reply as text (a model object may hand back something else): the parsers read strings or None."""
+    out = {}
+    for r, line in lines.items():
+        bad = [k for k, v in line.items() if k.endswith("reply") and v is not None and not isinstance(v, str)]
+        out[r] = {**line, **{k: str(line[k]) for k in bad}} if bad else line
+    return out
 
 
 def score_files(task_name: str, data: str, predictions: str, json_out: str, options: dict | None = None,

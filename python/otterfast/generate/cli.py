@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def register(sub) -> None:
@@ -29,28 +32,60 @@ def register(sub) -> None:
     g.add_argument("--stream", action="store_true", help="print tokens as they come (one beam)")
     g.add_argument("--legacy-media-masking", action="store_true",
                    help="Otter's behaviour: generated tokens get no cross-attention with a KV cache")
-    g.add_argument("--device", default="cpu")
-    g.add_argument("--dtype")
+    g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    g.add_argument("--dtype", choices=DTYPES, help="weights' dtype (default: the checkpoint's)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--json", action="store_true", help="print {prompt, reply, settings} as JSON")
     g.set_defaults(func=run)
 
 
 def run(a: argparse.Namespace) -> int:
-    import torch
+    """Bad arguments, images and model folders raise ValueError / FileNotFoundError with the problem named
+    (otterfast.cli prints them as one line); they are checked before the model loads."""
     from PIL import Image
+
+    examples = []
+    for e in a.example:
+        if "=>" not in e:
+            raise ValueError(f"--example {e!r}: expected 'question=>answer'")
+        q, ans = e.split("=>", 1)
+        examples.append((q.strip(), ans.strip()))
+    for name in ("max_new_tokens", "num_beams", "resolution"):
+        v = getattr(a, name)
+        if v is not None and v < 1:
+            raise ValueError(f"--{name.replace('_', '-')} {v}: must be at least 1")
+    images = []
+    for p in a.image:
+        try:
+            im = Image.open(p)
+            im.load()  # decoded now: a truncated file is named here, not midway through generation
+        except (FileNotFoundError, IsADirectoryError, PermissionError):
+            raise
+        except (OSError, Image.DecompressionBombError) as err:  # PIL's UnidentifiedImageError is an OSError
+            raise ValueError(f"--image {p}: not a readable image ({err})") from err
+        images.append(im)
+    if not os.path.isfile(os.path.join(a.model, "config.json")):
+        raise FileNotFoundError(f"{a.model}: not a model folder (no config.json)")
+
+    import torch
+
+    if a.device != "cpu":
+        try:
+            dev = torch.device(a.device)
+        except RuntimeError as err:
+            raise ValueError(f"--device {a.device!r}: {err}") from err
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {a.device}: no CUDA device here")
 
     from .generator import Generator
 
     torch.manual_seed(a.seed)
-    gen = Generator(a.model, tokenizer=a.tokenizer, device=a.device, dtype=a.dtype, template=a.template)
-    examples = []
-    for e in a.example:
-        if "=>" not in e:
-            raise SystemExit(f"--example {e!r}: expected 'question=>answer'")
-        q, ans = e.split("=>", 1)
-        examples.append((q.strip(), ans.strip()))
-    images = [Image.open(p) for p in a.image]
+    try:
+        gen = Generator(a.model, tokenizer=a.tokenizer, device=a.device, dtype=a.dtype, template=a.template)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError):
+        raise
+    except OSError as err:  # transformers: missing or unreadable weight files
+        raise ValueError(f"{a.model}: cannot load the model ({err})") from err
     decode = {k: v for k, v in {"max_new_tokens": a.max_new_tokens, "num_beams": a.num_beams,
                                 "temperature": a.temperature, "top_p": a.top_p,
                                 "no_repeat_ngram_size": a.no_repeat_ngram_size}.items() if v is not None}

@@ -5,7 +5,9 @@ Layout, OUTPUT_DIR/checkpoints/:
         COMPLETE                  written last, before the rename (a copied folder keeps the mark)
         trainer.json              step, epoch, world size, tokens seen, ... (rank 0)
         config.yaml               the resolved training config
-        rank_R.pt                 per rank: the loader's state_dict and the RNG states (python, numpy, torch, cuda)
+        rank_R.pt                 per rank: the loader's state_dict and the RNG states (python, numpy, torch, cuda),
+                                  only tensors, numbers, strings, tuples, lists and dicts: loaded with
+                                  torch.load(weights_only=True), so opening a checkpoint cannot run code
         <DeepSpeed's files>       model + optimizer + LR scheduler (engine.save_checkpoint, sharded under ZeRO)
     .tmp-step_N/                  a save in progress (or one killed mid-way: ignored, removed by the next save)
 
@@ -79,7 +81,13 @@ def _write(path: str, data: bytes) -> None:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state in plain types (weights_only-loadable): python's as its tuple of ints, numpy's legacy
+    MT19937 as a dict of an int64 tensor and numbers, torch's (and CUDA's) as byte tensors."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+    state = {"python": random.getstate(),
+             "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+                       "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -87,7 +95,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -130,11 +139,37 @@ def save(engine, output_dir: str, step: int, rank: int, rank_state: dict, traine
 
 
 def _to_bytes(obj) -> bytes:
+    """torch.save's bytes, checked to load with weights_only=True (so a state that would need pickled code to
+    load is refused when saved, not when resumed)."""
     import io
+    import pickle
 
     b = io.BytesIO()
     torch.save(obj, b)
+    try:
+        torch.load(io.BytesIO(b.getvalue()), weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise TypeError(f"rank state holds a type that weights_only loading refuses{_refused(e)}") from e
     return b.getvalue()
+
+
+def load_rank_state(path: str) -> dict:
+    """A rank_R.pt, with weights_only=True: only tensors and plain Python values come back, never code. A file
+    that needs more (an older otterfast's pickled numpy state, or no checkpoint at all) is a ValueError."""
+    import pickle
+
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path}: not loadable with weights_only=True (written by an otterfast before rank states "
+                         f"were plain tensors and numbers, or not a checkpoint file); refusing to unpickle it"
+                         f"{_refused(e)}") from e
+
+
+def _refused(e: Exception) -> str:
+    """The global torch's safe unpickler refused, from its long message: ': GLOBAL module.name' or ''."""
+    what = next((x.strip().split(" was not")[0] for x in str(e).splitlines() if "Unsupported global" in x), "")
+    return f": {what}" if what else ""
 
 
 def load(engine, path: str, rank: int, world_size: int) -> tuple[dict, dict]:
@@ -148,5 +183,5 @@ def load(engine, path: str, rank: int, world_size: int) -> tuple[dict, dict]:
     loaded, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
     if loaded is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}")
-    mine = torch.load(os.path.join(path, f"rank_{rank}.pt"), weights_only=False)
+    mine = load_rank_state(os.path.join(path, f"rank_{rank}.pt"))
     return trainer, mine

@@ -7,13 +7,12 @@ import sys
 
 
 def cmd_train(a) -> int:
-    from .config import ConfigError, load_config
+    """A bad config and the loop's clear ValueErrors (a mismatched index, too little data, bf16 on a CPU, ...)
+    propagate to otterfast.cli's `main`, which prints them as one line `otterfast train: ...`, by rank 0 only (every
+    rank meets the same checks), and exits 2; a stop on purpose is exit 3."""
+    from .config import load_config
 
-    try:
-        cfg = load_config(a.config, a.set)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"otterfast train: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(a.config, a.set)
     from .loop import TrainingStopped, run
 
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import json
 import re
+import warnings
 
 from ..data import Layout, missing_value
 from ..parsing import extract_choice, letters_for
@@ -69,14 +70,28 @@ def normalize(value: str | None, item) -> str | None:
         if item["answer_type"] == "float":
             p = item["precision"] if item["precision"] is not None else 1
             return str(round(float(v.replace(",", "")), p))
-    except ValueError:
+    except (ValueError, OverflowError):  # "abc", "nan"; "1e999" is inf, which int() refuses with OverflowError
         return None
     if item["answer_type"] == "list":
-        try:
-            return str(ast.literal_eval(v))
-        except (ValueError, SyntaxError):
-            return re.sub(r"\s+", "", v)
+        lit = safe_literal(v)
+        return re.sub(r"\s+", "", v) if lit is None else lit
     return v
+
+
+# Everything ast.literal_eval (and str() of its value) raises on text that is not a literal: malformed text
+# (ValueError, SyntaxError), an unhashable key or set element such as "{[1]: 2}" (TypeError), nesting too deep
+# (RecursionError, MemoryError), an int too long to print (ValueError).
+_LITERAL_ERRORS = (ValueError, TypeError, SyntaxError, RecursionError, MemoryError, OverflowError)
+
+
+def safe_literal(v: str) -> str | None:
+    """str() of the Python literal `v`, or None when it is not one. Never raises: a reply cannot abort scoring."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "invalid escape sequence" in a reply is not our warning to print
+            return str(ast.literal_eval(v))
+    except _LITERAL_ERRORS:
+        return None
 
 
 def extract_rules(reply: str, item) -> str | None:
@@ -120,7 +135,7 @@ def parse_metadata(v):
             try:
                 out = loader(v)
                 return out if isinstance(out, dict) else {}
-            except (ValueError, SyntaxError):
+            except _LITERAL_ERRORS:
                 continue
     return {}
 
