@@ -115,8 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except _user_errors() as e:
-        if os.environ.get("RANK", "0") in ("", "0"):  # under torchrun every rank meets the same check: rank 0 says it
-            print(f"{_command_name(args)}: {_message(e)}", file=sys.stderr, flush=True)
+        # one line per process, never a traceback; under a launcher the other ranks name themselves (an error
+        # only one rank meets, e.g. its data shard, must not be silent; the same check on every rank is N lines)
+        rank = os.environ.get("RANK", "0") or "0"
+        where = "" if rank == "0" else f" [rank {rank}]"
+        print(f"{_command_name(args)}{where}: {_message(e)}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:
         print(f"{_command_name(args)}: interrupted", file=sys.stderr)
