@@ -107,7 +107,7 @@ def _seed_all(seed: int) -> None:
 
 
 def _to_device(batch: dict, device) -> dict:
-    from ..data.reference import as_torch
+    from ..data.loader import as_torch
 
     t = as_torch(batch)
     if device.type == "cpu":
