@@ -161,3 +161,16 @@ def test_cli_help():
         with pytest.raises(SystemExit) as e:
             main(cmd + ["--help"])
         assert e.value.code == 0
+
+
+def test_param_groups_count_zero3_partitioned_parameters_in_full():
+    """Under ZeRO-3 (zero.Init) a parameter's local tensor is empty; its full size is ds_numel / ds_shape."""
+    import torch
+
+    m = torch.nn.Module()
+    m.latents = torch.nn.Parameter(torch.empty(0))
+    m.latents.ds_numel, m.latents.ds_shape = 64 * 32, torch.Size([64, 32])
+    m.gate = torch.nn.Parameter(torch.empty(0))
+    m.gate.ds_numel, m.gate.ds_shape = 1, torch.Size([1])
+    _, rep = param_groups(m, 0.1, decay_embeddings=True)
+    assert rep["trainable"] == 64 * 32 + 1 and rep["decay"] == 64 * 32  # latents are 2-D: decayed when asked

@@ -22,8 +22,19 @@ import math
 import torch
 
 
+def _numel(p: torch.Tensor) -> int:
+    """Elements of the full parameter, also when ZeRO-3 has partitioned it (its local tensor is then empty)."""
+    return getattr(p, "ds_numel", None) or p.numel()
+
+
+def _ndim(p: torch.Tensor) -> int:
+    shape = getattr(p, "ds_shape", None)
+    return len(shape) if shape is not None else p.ndim
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float, decay_embeddings: bool = False) -> tuple[list, dict]:
-    """[{params, weight_decay}, {params, weight_decay: 0}] over requires_grad params, and a report."""
+    """[{params, weight_decay}, {params, weight_decay: 0}] over requires_grad params, and a report. Counts and
+    shapes are the full parameters', also under ZeRO-3 partitioning (ds_numel, ds_shape)."""
     linear_weights, embedding_weights = set(), set()
     for mod in model.modules():
         w = getattr(mod, "weight", None)
@@ -38,22 +49,22 @@ def param_groups(model: torch.nn.Module, weight_decay: float, decay_embeddings: 
     n_frozen = 0
     for name, p in model.named_parameters():  # shared parameters appear once
         if not p.requires_grad:
-            n_frozen += p.numel()
+            n_frozen += _numel(p)
             continue
         if id(p) in embedding_weights:
             d = decay_embeddings
         elif id(p) in linear_weights:
             d = True
         else:
-            d = decay_embeddings and p.ndim >= 2  # learned queries (perceiver latents) and the like
+            d = decay_embeddings and _ndim(p) >= 2  # learned queries (perceiver latents) and the like
         (decay if d else no_decay).append(p)
         names["decay" if d else "no_decay"].append(name)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
     if not groups:
         raise ValueError("the model has no trainable parameters (requires_grad)")
-    report = {"trainable": sum(p.numel() for g in groups for p in g["params"]), "frozen": n_frozen,
-              "decay": sum(p.numel() for p in decay), "no_decay": sum(p.numel() for p in no_decay),
+    report = {"trainable": sum(_numel(p) for g in groups for p in g["params"]), "frozen": n_frozen,
+              "decay": sum(_numel(p) for p in decay), "no_decay": sum(_numel(p) for p in no_decay),
               "decay_names": names["decay"], "no_decay_names": names["no_decay"]}
     return groups, report
 
