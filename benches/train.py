@@ -165,7 +165,8 @@ def markdown(r: dict) -> str:
     lines = [f"# training benchmark: tiny {r['model']} ({e['date']}, {e['cpus']} CPUs: {e['cpu']}; torch {e.get('torch')})",
              "", f"`{r['command']}`", "",
              f"{r['model_config']}, fp32 on the CPU, AdamW, {r['samples']} samples measured per run after a first step; "
-             f"{r['data']}: {r['n_samples']} samples. **native**: packed rows of the given capacity, one per step, "
+             f"{r['data']}: {r['n_samples']} samples, prepared with max_seq_len {r.get('max_seq_len', '?')} (the smallest "
+             f"row, so that every backend and capacity sees the same samples). **native**: packed rows of the given capacity, one per step, "
              f"{r['cores']} loader threads. **otter_style**: a torch DataLoader with {r['cores']} worker processes "
              f"running {base}, batches of {r['batch_size']} padded to the longest. Both: {r['cores']} torch threads "
              f"for the model in the main process. Medians of {r['rounds']} interleaved rounds, each run in its own "
@@ -256,6 +257,7 @@ def main(argv=None) -> int:
     cmd = "otterfast bench train " + " ".join(argv if argv is not None else sys.argv[1:])
     report = {"command": cmd.strip(), "model": a.model, "model_config": os.path.relpath(a.model_config, ROOT),
               "format": fmt, "data": "demo dataset" if not a.data else a.data, "n_samples": n, "capacities": caps,
+              "max_seq_len": min(2048, min(caps)),
               "batch_size": a.batch_size, "cores": a.cores, "samples": a.samples, "rounds": a.rounds,
               "env": env_info("torch", "transformers"), "results": results, "ratios": ratios,
               "long_vs_short": long_short}
