@@ -1,7 +1,8 @@
 """Training on DeepSpeed: `otterfast train CONFIG.yaml` (one process, torchrun, or the deepspeed launcher).
 
     config.py           the training config: typed sections, `--set` overrides, validation (loaded by otterfast.config)
-    loop.py             the run: index, model, engine, then optimizer steps over the native loader's batches
+    loop.py             the run: setup_data / setup_model / setup_engine, then train_step per optimizer step
+    zero3_init.py       ZeRO-3: the model built partitioned under zero.Init, the checkpoint streamed into each rank
     deepspeed_setup.py  process environment, the DeepSpeed config, the engine
     optim.py            parameter groups (weight decay) and the LR schedule
     checkpoint.py       complete-or-absent checkpoints, resume, RNG state
