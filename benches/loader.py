@@ -10,7 +10,7 @@ padding fraction, peak RSS and construction-to-first-batch time. The decode floo
 `Image.open(...).convert("RGB")` of the same images on one core (MP/s).
 
 Writes OUT.json ({"results": [...], "decode_floor_mp_per_s_per_core", "env", ...}) and a markdown table
-next to it under benches/results/.
+beside it (same name, .md).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import argparse
 import io
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -28,13 +27,8 @@ import time
 
 import numpy as np
 
-
-def hwm_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from report import env_info, hwm_mb, write_report  # noqa: E402
 
 
 # ---- generated data --------------------------------------------------------------------------------
@@ -187,25 +181,6 @@ def bench_index(index: str, a, label: str) -> dict:
             "decode_floor_mp_per_s_per_core": round(floor, 2)}
 
 
-def env_info() -> dict:
-    import pyarrow
-    import PIL
-
-    flags = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = " ".join(x for x in line.split() if x in ("avx2", "avx512f", "sse4_2", "neon"))
-                    break
-            f.seek(0)
-            model = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "")
-    except OSError:
-        model = ""
-    return {"python": platform.python_version(), "cpus": os.cpu_count(), "cpu": model, "simd": flags,
-            "pillow": PIL.__version__, "pyarrow": pyarrow.__version__, "date": time.strftime("%Y-%m-%d")}
-
-
 def markdown(report: dict) -> str:
     e = report["env"]
     lines = [f"# loader benchmark ({e['date']}, {e['cpus']} CPUs: {e['cpu']}; {e['simd']})", "",
@@ -252,7 +227,7 @@ def main(argv=None) -> int:
     from otterfast.data.prepare import PrepareOptions, prepare
 
     report = {"capacity": a.capacity, "rows": a.rows, "batch_size": a.batch_size, "rounds": a.rounds,
-              "env": env_info(), "datasets": []}
+              "env": env_info("PIL", "pyarrow"), "datasets": []}
     with tempfile.TemporaryDirectory() as tmp:
         todo = []
         if a.data:
@@ -272,14 +247,8 @@ def main(argv=None) -> int:
     first = report["datasets"][0]
     report["results"] = first["results"]
     report["decode_floor_mp_per_s_per_core"] = first["decode_floor_mp_per_s_per_core"]
-    os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
-    with open(a.json, "w") as f:
-        json.dump(report, f, indent=1)
     md = markdown(report)
-    md_path = os.path.join("benches", "results", os.path.splitext(os.path.basename(a.json))[0] + ".md")
-    os.makedirs(os.path.dirname(md_path), exist_ok=True)
-    with open(md_path, "w") as f:
-        f.write(md)
+    md_path = write_report(a.json, report, md)
     print(md)
     print(f"wrote {a.json} and {md_path}")
     return 0
