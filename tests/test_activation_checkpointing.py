@@ -25,8 +25,10 @@ def saved_bytes_and_grads(model, forward, batch):
     """(bytes of the tensors saved for backward, loss, gradients) of one training step."""
     model.zero_grad(set_to_none=True)
     seen: dict[int, int] = {}
+    alive = []  # every saved tensor held until the count is done: a freed storage's address cannot be reused
 
     def pack(t):
+        alive.append(t)
         seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()  # shared storages counted once
         return t
 
