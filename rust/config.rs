@@ -20,31 +20,9 @@ pub enum OnError {
     Skip,
 }
 
-impl std::str::FromStr for ImageTransform {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "otter" => Ok(ImageTransform::Otter),
-            "clip" => Ok(ImageTransform::Clip),
-            _ => Err(Error::Invalid(format!(
-                "image_transform must be 'otter' or 'clip', not {s:?}"
-            ))),
-        }
-    }
-}
+crate::option_from_str!(ImageTransform, "image_transform", "otter" => ImageTransform::Otter, "clip" => ImageTransform::Clip);
 
-impl std::str::FromStr for OnError {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "raise" => Ok(OnError::Raise),
-            "skip" => Ok(OnError::Skip),
-            _ => Err(Error::Invalid(format!(
-                "on_error must be 'raise' or 'skip', not {s:?}"
-            ))),
-        }
-    }
-}
+crate::option_from_str!(OnError, "on_error", "raise" => OnError::Raise, "skip" => OnError::Skip);
 
 /// The subset of LoaderConfig the engine reads (the plan's options stay in Python and pack.rs).
 #[derive(Debug, Clone, FromPyObject)]

@@ -108,6 +108,27 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {}
 
+/// `FromStr` for an option read from Python by name: `option_from_str!(Type, "what", "name" => Type::Variant, ...)`.
+/// An unknown name is an `Error::Invalid` saying which names are accepted.
+#[macro_export]
+macro_rules! option_from_str {
+    ($ty:ty, $what:literal, $($name:literal => $variant:expr),+ $(,)?) => {
+        impl std::str::FromStr for $ty {
+            type Err = $crate::error::Error;
+            fn from_str(s: &str) -> $crate::error::Result<Self> {
+                match s {
+                    $($name => Ok($variant),)+
+                    _ => Err($crate::error::Error::Invalid(format!(
+                        "{} must be {}, not {s:?}",
+                        $what,
+                        [$(concat!("'", $name, "'")),+].join(" or ")
+                    ))),
+                }
+            }
+        }
+    };
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

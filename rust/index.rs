@@ -24,31 +24,9 @@ pub enum Encoding {
     Raw,
 }
 
-impl std::str::FromStr for SourceKind {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "parquet" => Ok(SourceKind::Parquet),
-            "json" => Ok(SourceKind::Json),
-            _ => Err(Error::Invalid(format!(
-                "image source kind {s:?}: expected \"parquet\" or \"json\""
-            ))),
-        }
-    }
-}
+crate::option_from_str!(SourceKind, "image source kind", "parquet" => SourceKind::Parquet, "json" => SourceKind::Json);
 
-impl std::str::FromStr for Encoding {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "base64" => Ok(Encoding::Base64),
-            "raw" => Ok(Encoding::Raw),
-            _ => Err(Error::Invalid(format!(
-                "image encoding {s:?}: expected \"base64\" or \"raw\""
-            ))),
-        }
-    }
-}
+crate::option_from_str!(Encoding, "image encoding", "base64" => Encoding::Base64, "raw" => Encoding::Raw);
 
 /// One image source (data.sources.ImageSource): its files and, for parquet, the image column.
 #[derive(Debug, Clone, FromPyObject)]
