@@ -23,6 +23,7 @@ import torch.nn.functional as F
 import yaml
 
 from . import attention, otter, otter_build, otterhd
+from .model_yaml import local_checkpoint
 
 CHECKPOINTING = ("none", "decoder", "all")
 
@@ -54,12 +55,6 @@ def _otterhd_model_class():
     return FuyuForCausalLM
 
 
-def _local_checkpoint(path: str, what: str) -> str:
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{what} checkpoint folder not found: {path} (a local copy is needed)")
-    return path
-
-
 def _from_config(cls, conf, folder: str, **kw):
     """`cls` from `conf` as from_pretrained(folder) builds it, without reading or initialising weights (the
     caller's context decides what an empty tensor is) and with the folder's generation config."""
@@ -79,7 +74,7 @@ def _otterhd_unloaded(cfg, tok) -> Unloaded | None:
         return None
     from transformers import FuyuConfig, FuyuForCausalLM
 
-    folder = _local_checkpoint(cfg.checkpoint, "OtterHD")
+    folder = local_checkpoint(cfg.checkpoint, "OtterHD")
 
     def construct():
         conf = FuyuConfig.from_pretrained(folder, local_files_only=True)
@@ -88,21 +83,13 @@ def _otterhd_unloaded(cfg, tok) -> Unloaded | None:
         return _from_config(FuyuForCausalLM, conf, folder, dtype=getattr(torch, cfg.dtype),
                             attn_implementation=attention.resolve(cfg.attn_implementation))
 
-    def finish(model):
-        if cfg.train == "lora":
-            from .lora import inject_lora
-
-            inject_lora(model, **{**otterhd.OTTER_FUYU_LORA, **(cfg.lora or {})})
-            for name, p in model.named_parameters():
-                p.requires_grad_("lora_" in name)
-
-    return Unloaded(folder, construct, finish)
+    return Unloaded(folder, construct, lambda model: otterhd.finish_otterhd(model, cfg))
 
 
 def _otter_unloaded(cfg, tok) -> Unloaded | None:
     if not cfg.checkpoint:
         return None
-    folder = _local_checkpoint(cfg.checkpoint, "Otter")
+    folder = local_checkpoint(cfg.checkpoint, "Otter")
     doc = dict(cfg.otter)
     lora = doc.pop("lora_config", None)
     if lora:
@@ -113,17 +100,7 @@ def _otter_unloaded(cfg, tok) -> Unloaded | None:
         conf.text_config.vocab_size = max(conf.text_config.vocab_size, tok["vocab_size"])
         return _from_config(otter.OtterForConditionalGeneration, conf, folder, dtype=getattr(torch, cfg.dtype))
 
-    def finish(model):
-        otter_build._set_attn_implementation(model.lang_encoder, cfg.attn_implementation)
-        if model.config.media_token_id is None:
-            model.config.media_token_id = tok["media_id"]
-        if model.config.eoc_token_id is None:
-            model.config.eoc_token_id = tok.get("eoc_id")
-        if lora:
-            model.config.lora_config = dict(lora)
-        model.set_trainable()
-
-    return Unloaded(folder, construct, finish)
+    return Unloaded(folder, construct, lambda model: otter_build.finish_otter(model, cfg, tok, lora))
 
 
 KINDS: dict[str, ModelKind] = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import fields
 
 import yaml
@@ -25,3 +26,10 @@ def from_yaml_dict(cls, doc: dict, where: str, architecture: str):
     if cfg.architecture != architecture:
         raise ValueError(f"{where}: architecture {cfg.architecture!r} is not {architecture}")
     return cfg
+
+
+def local_checkpoint(path: str, what: str) -> str:
+    """`path` when it is a folder; else the error every builder gives (nothing is ever downloaded)."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{what} checkpoint folder not found: {path} (a local copy is needed)")
+    return path

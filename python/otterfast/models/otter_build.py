@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, CLIPVisionModel
 
 from . import attention
 from .flamingo import GatedCrossAttentionBlock
-from .model_yaml import ModelYaml, from_yaml_dict
+from .model_yaml import ModelYaml, from_yaml_dict, local_checkpoint
 from .otter import OtterConfig, OtterForConditionalGeneration
 
 # ------------------------------------------------------------------------------------- otterfast model config
@@ -65,12 +65,10 @@ def build_otter(cfg: OtterModelConfig, tok: dict) -> OtterForConditionalGenerati
     # `<name>.base_layer.weight`, where the checkpoint's tensor does not land (left randomly initialised).
     lora = doc.pop("lora_config", None)
     if cfg.checkpoint:
-        if not os.path.isdir(cfg.checkpoint):
-            raise FileNotFoundError(f"Otter checkpoint folder not found: {cfg.checkpoint} (a local copy is needed)")
         if lora:
             doc["lora_config"] = None
-        model = OtterForConditionalGeneration.from_pretrained(cfg.checkpoint, local_files_only=True, dtype=dtype,
-                                                              **doc)
+        model = OtterForConditionalGeneration.from_pretrained(local_checkpoint(cfg.checkpoint, "Otter"),
+                                                              local_files_only=True, dtype=dtype, **doc)
     else:
         text = dict(doc.pop("text_config", {}) or {})
         vision = dict(doc.pop("vision_config", {}) or {})
@@ -89,17 +87,23 @@ def build_otter(cfg: OtterModelConfig, tok: dict) -> OtterForConditionalGenerati
             load_lm_weights(model, lm.state_dict())
         if clip is not None:
             model.vision_encoder.load_state_dict(clip.state_dict())
+    if tok["vocab_size"] > model.lang_encoder.get_input_embeddings().weight.shape[0]:
+        model.lang_encoder.resize_token_embeddings(tok["vocab_size"])
+    finish_otter(model, cfg, tok, lora)
+    return model
+
+
+def finish_otter(model: OtterForConditionalGeneration, cfg: OtterModelConfig, tok: dict, lora: dict | None) -> None:
+    """What follows the weights, however they were loaded: the LM's attention, the tokenizer's `<image>` and
+    `<|endofchunk|>` ids when the config has none, LoRA (after the load: see build_otter) and the trainable flags."""
     _set_attn_implementation(model.lang_encoder, cfg.attn_implementation)
     if model.config.media_token_id is None:
         model.config.media_token_id = tok["media_id"]
     if model.config.eoc_token_id is None:
         model.config.eoc_token_id = tok.get("eoc_id")
-    if tok["vocab_size"] > model.lang_encoder.get_input_embeddings().weight.shape[0]:
-        model.lang_encoder.resize_token_embeddings(tok["vocab_size"])
     if lora:
         model.config.lora_config = dict(lora)
     model.set_trainable()
-    return model
 
 
 def _set_attn_implementation(lm: nn.Module, requested: str) -> None:

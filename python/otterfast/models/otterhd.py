@@ -11,13 +11,12 @@ token of every sample (an image token or BOS) is unlabelled.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import torch
 
 from . import attention
-from .model_yaml import ModelYaml, from_yaml_dict
+from .model_yaml import ModelYaml, from_yaml_dict, local_checkpoint
 from .packing import PackedLayout, additive_block_causal_mask, flatten_rows, use_layout
 
 
@@ -60,9 +59,8 @@ def build_otterhd(cfg: OtterHDConfig, vocab_size: int | None = None, image_token
     impl = attention.resolve(cfg.attn_implementation)
     dtype = getattr(torch, cfg.dtype)
     if cfg.checkpoint:
-        if not os.path.isdir(cfg.checkpoint):
-            raise FileNotFoundError(f"OtterHD checkpoint folder not found: {cfg.checkpoint} (a local copy is needed)")
-        model = FuyuForCausalLM.from_pretrained(cfg.checkpoint, local_files_only=True, dtype=dtype,
+        model = FuyuForCausalLM.from_pretrained(local_checkpoint(cfg.checkpoint, "OtterHD"), local_files_only=True,
+                                                dtype=dtype,
                                                 attn_implementation=impl)
         if vocab_size and vocab_size > model.config.text_config.vocab_size:
             model.resize_token_embeddings(vocab_size)
@@ -78,13 +76,18 @@ def build_otterhd(cfg: OtterHDConfig, vocab_size: int | None = None, image_token
         fuyu.hidden_size = fuyu.text_config.hidden_size
         fuyu._attn_implementation = impl
         model = FuyuForCausalLM(fuyu).to(dtype)
+    finish_otterhd(model, cfg)
+    return model
+
+
+def finish_otterhd(model, cfg: OtterHDConfig) -> None:
+    """What follows the weights, however they were loaded: LoRA adapters and the trainable flags."""
     if cfg.train == "lora":
         from .lora import inject_lora
 
         inject_lora(model, **{**OTTER_FUYU_LORA, **(cfg.lora or {})})
         for name, p in model.named_parameters():
             p.requires_grad_("lora_" in name)
-    return model
 
 
 def flops_per_token(model, seq_len: int) -> float:

@@ -18,6 +18,7 @@ whichever comes first when both are set). The LR schedule spans exactly the step
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -167,20 +168,19 @@ def setup_data(cfg, index, index_dir: str, rank: int, world: int) -> DataPlan:
     return plan
 
 
-def setup_model(cfg, index, precision: str):
+def setup_model(cfg, index, precision: str, ds: dict):
     """The model (same initialisation on every rank), activation checkpointing set, and its FLOPs per token as
     (a, b) of a + b * L (None when the model has no estimate).
 
     At ZeRO stage 3 a model with a local checkpoint is built partitioned under deepspeed.zero.Init, its
     safetensors streamed into each rank's partition (train/zero3_init.py; `deepspeed.zero3_init: off` builds it
     whole as at stages 0-2, and deepspeed.initialize partitions it). Each rank prints its peak RSS once the
-    model is ready."""
+    model is ready. `ds`: the run's DeepSpeed config (zero.Init partitions by it)."""
     import torch.distributed as dist
 
     from ..models.build import (build_model, flops_per_token, load_model_config, set_activation_checkpointing,
                                 unloaded)
     from . import zero3_init
-    from .deepspeed_setup import ds_config
     from .metrics import peak_memory_gb
 
     _seed_all(cfg.seed)
@@ -189,11 +189,10 @@ def setup_model(cfg, index, precision: str):
     if (arch == "otterhd") != (index.format == "fuyu"):
         raise ValueError(f"model architecture {arch} does not fit index format {index.format!r} "
                          "(otterhd needs --format fuyu; otter needs simple/llama2/idefics)")
-    world = dist.get_world_size() if dist.is_initialized() else 1
     parts = unloaded(mcfg, index.tok)
-    ds = ds_config(cfg, precision, cfg.data.loader.batch_size, world)  # the one setup_engine makes
     if zero3_init.wanted(ds, cfg.deepspeed.zero3_init, parts):
-        model = zero3_init.build_partitioned(parts, ds, getattr(torch, mcfg.dtype))
+        # a copy: zero.Init may fill in the config it is given, and the engine gets `ds` as it is
+        model = zero3_init.build_partitioned(parts, copy.deepcopy(ds), getattr(torch, mcfg.dtype))
         counted, how = zero3_init.meta_twin(parts), "built partitioned under zero.Init, checkpoint streamed in"
     else:
         model = build_model(mcfg, index.tok)
@@ -213,8 +212,8 @@ def setup_model(cfg, index, precision: str):
     return model, arch, flops
 
 
-def setup_engine(cfg, model, plan: DataPlan, precision: str, world: int, device):
-    from .deepspeed_setup import ds_config, make_engine
+def setup_engine(cfg, model, plan: DataPlan, ds: dict, device):
+    from .deepspeed_setup import make_engine
     from .optim import make_scheduler, param_groups
 
     groups, counts = param_groups(model, cfg.optim.weight_decay, cfg.optim.decay_embeddings)
@@ -223,7 +222,6 @@ def setup_engine(cfg, model, plan: DataPlan, precision: str, world: int, device)
     def scheduler_fn(opt):
         return make_scheduler(opt, plan.total, plan.warmup, s.name, s.min_lr_ratio)
 
-    ds = ds_config(cfg, precision, plan.loader.cfg.batch_size, world)
     return make_engine(LossModel(model), groups, cfg, ds, scheduler_fn, device), counts
 
 
@@ -310,7 +308,7 @@ def _train(cfg, rank: int, world: int, device) -> dict:
     from ..data.index import PreparedIndex
     from . import checkpoint as ck
     from .config import dump
-    from .deepspeed_setup import resolve_precision
+    from .deepspeed_setup import ds_config, resolve_precision
 
     def say(msg):
         if rank == 0:
@@ -328,9 +326,10 @@ def _train(cfg, rank: int, world: int, device) -> dict:
         os.makedirs(out, exist_ok=True)
     index_dir = _index_dir(cfg, rank)
     index = PreparedIndex(index_dir)
-    model, arch, flops = setup_model(cfg, index, precision)
+    ds = ds_config(cfg, precision, cfg.data.loader.batch_size, world)  # one config: zero.Init and the engine
+    model, arch, flops = setup_model(cfg, index, precision, ds)
     plan = setup_data(cfg, index, index_dir, rank, world)
-    engine, counts = setup_engine(cfg, model, plan, precision, world, device)
+    engine, counts = setup_engine(cfg, model, plan, ds, device)
     say(f"model {arch}: {counts['trainable'] / 1e6:.2f}M trainable ({counts['decay'] / 1e6:.2f}M with weight decay), "
         f"{counts['frozen'] / 1e6:.2f}M frozen; precision {precision}; ZeRO {cfg.deepspeed.zero_stage}; "
         f"activation checkpointing {cfg.model.activation_checkpointing}; {world} rank(s) on {device.type}")
