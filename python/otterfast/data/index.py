@@ -7,6 +7,7 @@ shuffle of everything, then a disjoint, complete shard per data-parallel rank.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -50,7 +51,8 @@ class PreparedIndex:
         with open(meta_path) as f:
             self.meta = json.load(f)
         self.samples = _open_arrow(os.path.join(path, "samples.arrow"))
-        self.images = _open_arrow(os.path.join(path, "images.arrow"))
+        # `data repack` writes its own images table and names it here (repack.py)
+        self.images = _open_arrow(os.path.join(path, self.meta.get("images_file", "images.arrow")))
         self.sources = [ImageSource.from_dict(d) for d in self.meta["sources"]]
         self.format: str = self.meta["options"]["format"]
         self.max_seq_len: int = self.meta["options"]["max_seq_len"]
@@ -60,6 +62,23 @@ class PreparedIndex:
 
     def __len__(self) -> int:
         return self.samples.num_rows
+
+    def check_image_files(self) -> None:
+        """DataError unless the image tables are the files this index was prepared from (size and mtime; stat only,
+        fingerprint.py). The loaders call it when built; an index without fingerprints is refused here."""
+        from .fingerprint import check_image_files
+
+        check_image_files(self.meta, self.path)
+
+    def fingerprint(self) -> str:
+        """A digest of what decides this index's batch plans: its inputs' fingerprints, prepare options, datasets
+        (with num_samples) and every sample's token count and dataset. A resume compares it (train/checkpoint.py)."""
+        h = hashlib.sha256()
+        keys = ("inputs", "options", "datasets", "counts")
+        h.update(json.dumps({k: self.meta.get(k) for k in keys}, sort_keys=True).encode())
+        h.update(np.ascontiguousarray(self._num_tokens, dtype=np.int64).tobytes())
+        h.update(json.dumps(self._dataset).encode())
+        return h.hexdigest()
 
     def num_tokens(self) -> np.ndarray:
         return self._num_tokens

@@ -34,6 +34,7 @@ import numpy as np
 from torch.utils.data import IterableDataset
 
 from .. import _native
+from . import images as imgs
 from .batching import LoaderConfig, shard_batches, shuffle_batches
 from .defects import DataError
 from .index import PreparedIndex
@@ -65,6 +66,7 @@ class NativeIndex:
     newline_id: int  # Fuyu's image newline token, -1 otherwise
     fuyu_max_h: int
     fuyu_max_w: int
+    max_image_pixels: int  # prepare's --max-image-pixels: the loader refuses the same sizes (rust/limits.rs)
     # per sample (samples.arrow)
     sample_ids: list[str]
     datasets: list[str]
@@ -112,6 +114,7 @@ class NativeIndex:
             placeholder_id=int(tok.get("fuyu_placeholder_id") or -1),
             newline_id=int(tok.get("fuyu_newline_id") or -1),
             fuyu_max_h=int(opts["fuyu_max_height"]), fuyu_max_w=int(opts["fuyu_max_width"]),
+            max_image_pixels=int(opts.get("max_image_pixels", imgs.DEFAULT_MAX_IMAGE_PIXELS)),
             sample_ids=t.column("sample_id").to_pylist(), datasets=t.column("dataset").to_pylist(),
             num_tokens=np.ascontiguousarray(ix.num_tokens(), dtype=np.int64),
             tok_off=_offsets(ids), tokens=_values(ids, np.int32),
@@ -134,6 +137,7 @@ class NativeLoader(IterableDataset):
 
     def __init__(self, index: PreparedIndex | str, config: LoaderConfig | None = None, **overrides):
         self.index = index if isinstance(index, PreparedIndex) else PreparedIndex(index)
+        self.index.check_image_files()  # the tables are the ones indexed (stat only), else DataError
         self.cfg = LoaderConfig.make(config, **overrides)
         self.capacity = self.cfg.capacity or self.index.max_seq_len
         self.epoch = 0
@@ -199,6 +203,7 @@ class NativeLoader(IterableDataset):
         return len(self.plan())
 
     def __iter__(self) -> Iterator[dict]:
+        self.index.check_image_files()  # again each epoch: a table rewritten during a long run is refused too
         batches = self.plan()
         start = self._resume_at
         self._resume_at = 0

@@ -32,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 
 from .. import __version__
+from . import fingerprint
 from . import images as imgs
 from . import prompts
 from .defects import DataError, DefectReport
@@ -46,7 +47,7 @@ from .mimicit import (
 )
 from .sources import ImageRef, ImageSource, open_image_source, read_json_blobs, scan_ids
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: meta.json records its inputs' fingerprints (fingerprint.py)
 
 
 @dataclass
@@ -429,6 +430,9 @@ def prepare(yaml_path: str, tokenizer_dir: str, out_dir: str, opts: PrepareOptio
     from .tokenizer import load_tokenizer
 
     t0 = time.perf_counter()
+    # Fingerprinted before anything is read and again after: an input rewritten while it was being read is an error
+    # (the index would mix the two versions), and the index records what it was made from.
+    inputs = fingerprint.of_inputs(yaml_path, tokenizer_dir)
     tok, info = load_tokenizer(tokenizer_dir, opts.format)
     if opts.format == "fuyu" and (info.fuyu_placeholder_id is None or info.fuyu_newline_id is None):
         raise DataError(f"{tokenizer_dir}: fuyu format needs {prompts.FUYU_PLACEHOLDER} and {prompts.FUYU_NEWLINE}")
@@ -453,7 +457,16 @@ def prepare(yaml_path: str, tokenizer_dir: str, out_dir: str, opts: PrepareOptio
         for k in img_cols:
             img_cols[k].append(vals[k])
 
+    changed = fingerprint.changes(inputs, fingerprint.of_inputs(yaml_path, tokenizer_dir))
+    if changed:
+        raise DataError(f"{yaml_path}: inputs changed while being prepared ({'; '.join(changed)}); prepare again")
+
     os.makedirs(out_dir, exist_ok=True)
+    # An index being rewritten in place is not an index until its new meta.json is in place (written last,
+    # atomically): a prepare killed half-way must not leave the old meta.json describing the new tables.
+    meta_path = os.path.join(out_dir, "meta.json")
+    if os.path.exists(meta_path):
+        os.remove(meta_path)
     _write_arrow(os.path.join(out_dir, "samples.arrow"),
                  pa.Table.from_pylist(samples, schema=SAMPLES_SCHEMA) if samples else SAMPLES_SCHEMA.empty_table())
     _write_arrow(os.path.join(out_dir, "images.arrow"), pa.Table.from_pydict(img_cols, schema=IMAGES_SCHEMA))
@@ -471,6 +484,7 @@ def prepare(yaml_path: str, tokenizer_dir: str, out_dir: str, opts: PrepareOptio
         "index_version": INDEX_VERSION,
         "data_yaml": os.path.abspath(yaml_path),
         "options": asdict(opts),
+        "inputs": inputs,
         "tokenizer": info.to_dict(),
         "sources": [s.to_dict() for s in v.sources],
         "datasets": [
@@ -488,6 +502,7 @@ def prepare(yaml_path: str, tokenizer_dir: str, out_dir: str, opts: PrepareOptio
         "report": v.report.as_dict(),
         "seconds": round(time.perf_counter() - t0, 3),
     }
-    with open(os.path.join(out_dir, "meta.json"), "w") as f:
+    with open(meta_path + ".tmp", "w") as f:
         json.dump(meta, f, indent=1)
+    os.replace(meta_path + ".tmp", meta_path)
     return meta

@@ -38,6 +38,7 @@ from .tokenizer import labels_from_spans
 class ReferenceLoader:
     def __init__(self, index: PreparedIndex | str, config: LoaderConfig | None = None, **overrides):
         self.index = index if isinstance(index, PreparedIndex) else PreparedIndex(index)
+        self.index.check_image_files()  # the tables are the ones indexed (stat only), else DataError
         self.cfg = LoaderConfig.make(config, **overrides)
         self.capacity = self.cfg.capacity or self.index.max_seq_len
         self.epoch = 0
@@ -65,6 +66,7 @@ class ReferenceLoader:
         return len(self.plan())
 
     def __iter__(self) -> Iterator[dict]:
+        self.index.check_image_files()  # again each epoch: a table rewritten during a long run is refused too
         for rows in self.plan():
             yield self.collate_rows(rows)
 
