@@ -73,27 +73,41 @@ class LossModel(torch.nn.Module):
 
 
 def _index_dir(cfg, rank: int) -> str:
-    """The prepared index: data.index as is, or data.yaml prepared once (rank 0; the others wait)."""
+    """The prepared index: data.index as is, or data.yaml prepared once (rank 0; the others wait). An index already
+    there is reused only if it was prepared with these options from these very inputs (data/fingerprint.py: the
+    YAML, instruction and tokenizer files hashed, the image tables' size and mtime); otherwise refused, naming the
+    first changed option or file (it may be another run's: deleting it is the user's call)."""
     import torch.distributed as dist
+
+    from ..data import fingerprint
 
     d = cfg.data
     if d.yaml is None:
         return d.index
     out = d.index or os.path.join(cfg.output_dir, "index")
     meta = os.path.join(out, "meta.json")
+    tok = d.tokenizer or os.path.join(os.path.dirname(os.path.abspath(d.yaml)), "tokenizer")
     if rank == 0:
         want = dataclasses.asdict(d.prepare)
         if os.path.exists(meta):
             with open(meta) as f:
-                have = json.load(f)["options"]
-            diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
+                have = json.load(f)
+            diff = {k: (have["options"].get(k), v) for k, v in want.items() if have["options"].get(k) != v}
             if diff:
                 raise ValueError(f"{out} was prepared with other options ({', '.join(f'{k}: {a!r} there, {b!r} here' for k, (a, b) in diff.items())}); "
                                  "delete it or point data.index elsewhere")
+            if "inputs" not in have:
+                raise ValueError(f"{out} was prepared without input fingerprints (an older otterfast): whether "
+                                 f"{d.yaml} and its files are still what it was made from cannot be checked; "
+                                 "delete it (it is prepared again) or point data.index elsewhere")
+            changed = fingerprint.changes(have["inputs"], fingerprint.of_inputs(d.yaml, tok))
+            if changed:
+                more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
+                raise ValueError(f"{out} was prepared from other inputs: {changed[0]}{more}; delete it (it is "
+                                 "prepared again) or point data.index elsewhere")
         else:
             from ..data.prepare import prepare
 
-            tok = d.tokenizer or os.path.join(os.path.dirname(os.path.abspath(d.yaml)), "tokenizer")
             t = time.perf_counter()
             prepare(d.yaml, tok, out, d.prepare)
             print(f"[train] prepared {d.yaml} -> {out} ({time.perf_counter() - t:.1f}s)", flush=True)
