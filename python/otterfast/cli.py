@@ -6,6 +6,7 @@ Each area registers its own sub-commands (`register(sub)`), and imports nothing 
     otterfast data ...                  data/cli.py: demo, validate, prepare, inspect
     otterfast train | plot              train/cli.py (and `bench train`)
     otterfast generate                  generate/cli.py
+    otterfast serve | bench serve       serve/cli.py (docs/serve.md)
     otterfast eval run | score          eval/cli.py
     otterfast bench loader | train      benches/*.py from a source checkout (source_tree.py)
 
@@ -26,6 +27,7 @@ from . import demo_run
 from .data import cli as data_cli
 from .eval import cli as eval_cli
 from .generate import cli as generate_cli
+from .serve import cli as serve_cli
 from .source_tree import run_bench
 from .train import cli as train_cli
 
@@ -60,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     eval_cli.register(sub)  # `otterfast eval` (docs/eval.md)
     generate_cli.register(sub)  # `otterfast generate`
     train_cli.register(sub, bsub)  # train, plot, bench train
+    serve_cli.register(sub, bsub)  # `otterfast serve`, `otterfast bench serve`
     return p
 
 
@@ -109,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = rest
     if argv[:2] == ["bench", "loader"]:  # everything after goes to benches/loader.py, --help included
         return cmd_bench_loader(argparse.Namespace(args=argv[2:]))
+    if argv[:2] == ["bench", "serve"]:  # likewise benches/serve.py
+        return serve_cli.cmd_bench_serve(argparse.Namespace(args=argv[2:]))
     args = build_parser().parse_args(argv)
     if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
         return args.func(args)

@@ -26,6 +26,7 @@ import sys
 
 import numpy as np
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
 
 from ..config import check_keys
 from ..data import images as imgs
@@ -154,16 +155,22 @@ class Generator:
 
     @torch.no_grad()
     def generate_text(self, text: str, images=(), video: bool = False, resolution: int | None = None,
-                      stream: bool = False, legacy: bool = False, **decode) -> str:
-        """As `generate`, for an already templated prompt."""
+                      stream: bool = False, legacy: bool = False, on_text=None, should_stop=None, **decode) -> str:
+        """As `generate`, for an already templated prompt.
+
+        Streaming (one beam): `stream` prints the text as it comes; `on_text(piece)` receives it instead (the
+        pieces join to the reply before stripping). `should_stop()` is asked after every token; True ends the
+        generation there (otterfast serve: a client that went away). `last_new_tokens` then holds how many
+        tokens the reply has and `last_hit_stop_token` whether it ended at <|endofchunk|> / EOS."""
         inputs = self.inputs(text, images, video, resolution)
         settings = {**(OTTER_DECODE if self.kind == "otter" else OTTERHD_DECODE), **decode}
         settings.setdefault("pad_token_id", self.info.pad_id)
-        if stream:
-            from transformers import TextStreamer
-
+        if stream or on_text is not None:
             settings["num_beams"] = 1  # transformers streams a single beam only
-            settings["streamer"] = TextStreamer(self.tok, skip_prompt=True, skip_special_tokens=True)
+            settings["streamer"] = (_TextCallback(self.tok, on_text) if on_text is not None else
+                                    TextStreamer(self.tok, skip_prompt=True, skip_special_tokens=True))
+        if should_stop is not None:
+            settings["stopping_criteria"] = StoppingCriteriaList([_StopWhen(should_stop)])
         n = inputs["input_ids"].shape[1]
         if self.kind == "otter":
             if self._eou_id is not None:  # idefics-format models close a turn with <end_of_utterance>
@@ -175,10 +182,13 @@ class Generator:
             out = self.model.generate(**inputs, **settings)
         new = out[0, n:].tolist()
         stops = {t for t in (self.info.eoc_id, self.info.eos_id, self._eou_id) if t is not None}
+        self.last_hit_stop_token = False
         for i, t in enumerate(new):
             if t in stops:
                 new = new[:i]
+                self.last_hit_stop_token = True
                 break
+        self.last_new_tokens = len(new)
         if stream:
             sys.stdout.flush()
         return self.tok.decode(new, skip_special_tokens=True).strip()
@@ -224,6 +234,29 @@ class Generator:
                     cache = self.model(input_ids=ids, use_cache=True, **first).past_key_values
             scores.append(score)
         return scores
+
+
+class _TextCallback(TextStreamer):
+    """transformers' TextStreamer (whole words, prompt skipped, special tokens dropped), handing each piece to a
+    callback instead of printing it."""
+
+    def __init__(self, tok, on_text):
+        super().__init__(tok, skip_prompt=True, skip_special_tokens=True)
+        self.on_text = on_text
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        if text:
+            self.on_text(text)
+
+
+class _StopWhen(StoppingCriteria):
+    """Ends every row when `should_stop()` says so (asked once per generated token)."""
+
+    def __init__(self, should_stop):
+        self.should_stop = should_stop
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), bool(self.should_stop()), dtype=torch.bool, device=input_ids.device)
 
 
 def load_eval_model(spec: dict) -> Generator:

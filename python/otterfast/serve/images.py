@@ -1,0 +1,74 @@
+"""Images in a request: `data:` URLs (base64 JPEG, PNG or WebP) -> RGB PIL images, with bounds checked before
+any pixel is decoded.
+
+The bounds (ServeLimits in schema.py): pixels per image (decompression bombs: a small file that decodes to
+gigabytes; the header's size is read first) and the aspect ratio (Otter's CLIP resize scales the short edge to
+224: a 1 x 10000 image would become 224 x 2.24M pixels). No check of this kind exists yet in data/images.py or
+eval/images.py; when one lands there, `check_bounds` is the one place to point at it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+import warnings
+
+from PIL import Image
+
+from .errors import ApiError
+
+FORMATS = {"JPEG", "PNG", "WEBP"}
+_DATA_URL = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*),(?P<data>.*)", re.S)
+
+
+def decode_data_url(url: str, what: str) -> bytes:
+    """The bytes of a base64 `data:` URL; anything else (http URLs included: the server fetches nothing) is a
+    400 naming `what`."""
+    if not isinstance(url, str) or not url.startswith("data:"):
+        shown = url[:40] + "..." if isinstance(url, str) and len(url) > 40 else url
+        raise ApiError(400, f"{what}: expected a data URL (data:image/png;base64,...), got {shown!r}; "
+                            "the server fetches nothing", code="invalid_image_url", param=what)
+    m = _DATA_URL.match(url)
+    if not m or ";base64" not in m.group("params"):
+        raise ApiError(400, f"{what}: the data URL is not base64 (data:image/...;base64,...)",
+                       code="invalid_image_url", param=what)
+    try:
+        return base64.b64decode(re.sub(r"\s+", "", m.group("data")), validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ApiError(400, f"{what}: invalid base64 ({e})", code="invalid_image", param=what) from e
+
+
+def check_bounds(width: int, height: int, max_pixels: int, max_aspect: float, what: str) -> None:
+    if width < 1 or height < 1:
+        raise ApiError(400, f"{what}: empty image ({width}x{height})", code="invalid_image", param=what)
+    if width * height > max_pixels:
+        raise ApiError(400, f"{what}: {width}x{height} is {width * height} pixels, over the limit of {max_pixels} "
+                            "(decompression-bomb check)", code="image_too_large", param=what)
+    aspect = max(width / height, height / width)
+    if aspect > max_aspect:
+        raise ApiError(400, f"{what}: {width}x{height} has an aspect ratio of {aspect:.0f}:1, over the limit of "
+                            f"{max_aspect:g}:1", code="image_aspect_ratio", param=what)
+
+
+def open_image(data: bytes, max_pixels: int, max_aspect: float, what: str) -> Image.Image:
+    """Encoded bytes -> RGB image. The header is read first and its size checked; only then are pixels decoded."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our limit decides, below
+            im = Image.open(io.BytesIO(data))  # the header only
+    except Image.DecompressionBombError as e:  # over twice PIL's own limit
+        raise ApiError(400, f"{what}: {e}", code="image_too_large", param=what) from e
+    except Exception as e:  # PIL raises several types (UnidentifiedImageError, SyntaxError, struct.error, ...)
+        raise ApiError(400, f"{what}: not an image ({type(e).__name__}: {e})", code="invalid_image", param=what) from e
+    if im.format not in FORMATS:
+        raise ApiError(400, f"{what}: {im.format} images are not accepted; send JPEG, PNG or WebP",
+                       code="invalid_image", param=what)
+    check_bounds(im.width, im.height, max_pixels, max_aspect, what)
+    try:
+        im.load()
+        return im.convert("RGB")
+    except Exception as e:  # truncated or corrupt pixel data
+        raise ApiError(400, f"{what}: cannot decode the image ({type(e).__name__}: {e})", code="invalid_image",
+                       param=what) from e
