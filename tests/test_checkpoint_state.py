@@ -98,3 +98,79 @@ def test_checkpoint_load_uses_the_safe_loader(tmp_path):
     with pytest.raises(ValueError, match="weights_only=True"):
         ck.load(Engine(), str(step), 0, 1)
     assert not marker.exists()
+
+
+# ---- the batch plan a checkpoint was saved under (issue 14 item 8) ----------------------------------------------
+
+class _RecordingEngine:
+    def __init__(self):
+        self.loaded = False
+
+    def load_checkpoint(self, root, tag, **kw):
+        self.loaded = True
+        return os.path.join(root, tag), {}
+
+
+PLAN = {"seed": 0, "world_size": 1, "grad_accum": 2, "data.loader.batch_size": 4, "data.loader.pack": True,
+        "data.loader.capacity": 2048, "data.loader.window": 1000, "data.loader.shuffle_batches": True,
+        "data.loader.even_batches": True, "data": "a" * 64}
+
+
+def _step_dir(tmp_path, plan):
+    step = tmp_path / "step_3"
+    step.mkdir()
+    trainer = {"world_size": 1, "step": 3, "loader": {"epoch": 1, "batches": 5, "seed": 0}}
+    if plan is not None:
+        trainer["plan"] = plan
+    (step / "trainer.json").write_text(json.dumps(trainer))
+    (step / "rank_0.pt").write_bytes(ck._to_bytes({"loader": trainer["loader"], "rng": ck.rng_state()}))
+    return str(step)
+
+
+@pytest.mark.parametrize("key,value", [("data.loader.batch_size", 8), ("data.loader.capacity", 4096),
+                                       ("grad_accum", 4), ("seed", 1), ("data", "b" * 64)])
+def test_resume_under_another_batch_plan_is_refused(tmp_path, key, value):
+    path = _step_dir(tmp_path, PLAN)
+    engine = _RecordingEngine()
+    now = dict(PLAN, **{key: value})
+    with pytest.raises(ValueError, match=rf"step_3: resume would not be exact: {key} .* when saved, .* now.*"
+                                         r"epoch 1, batch 5\) belongs to another batch plan") as e:
+        ck.load(engine, path, 0, 1, now)
+    assert "\n" not in str(e.value) and not engine.loaded  # one line; refused before anything is loaded
+    trainer, mine = ck.load(engine, path, 0, 1, dict(PLAN))  # the same plan resumes
+    assert engine.loaded and mine["loader"]["batches"] == 5
+
+
+def test_resume_of_a_checkpoint_without_a_plan_is_refused(tmp_path):
+    path = _step_dir(tmp_path, None)
+    with pytest.raises(ValueError, match="saved without a batch-plan fingerprint"):
+        ck.load(_RecordingEngine(), path, 0, 1, dict(PLAN))
+
+
+def test_plan_fingerprint_names_the_keys_that_change_the_plan(demo_index):
+    """Each key that changes which batches make a step shows in the fingerprint under its config name; keys that do
+    not (threads, image size, on_error, run length) leave it as it is."""
+    from otterfast.data.index import PreparedIndex
+    from otterfast.train.config import load_config
+    from otterfast.train.loop import plan_fingerprint, setup_data
+
+    base = {"model": {"config": "configs/models/otter-tiny.yaml"}, "data": {"index": demo_index}, "max_steps": 2}
+    index = PreparedIndex(demo_index)
+
+    def fp(sets):
+        cfg = load_config(base, sets)
+        return plan_fingerprint(cfg, setup_data(cfg, index, demo_index, 0, 1), 1)
+
+    ref = fp([])
+    assert ref["data"] == index.fingerprint() and ref["data.loader.capacity"] == index.max_seq_len
+    for sets, key in ((["data.loader.batch_size=3"], "data.loader.batch_size"),
+                      (["data.loader.capacity=4096"], "data.loader.capacity"),
+                      (["data.loader.pack=false"], "data.loader.pack"),
+                      (["data.loader.window=10"], "data.loader.window"),
+                      (["data.loader.shuffle_batches=false"], "data.loader.shuffle_batches"),
+                      (["grad_accum=2"], "grad_accum"), (["seed=7"], "seed")):
+        got = fp(sets)
+        assert [k for k in ref if ref[k] != got[k]] == [key], sets
+    for sets in (["data.loader.num_threads=1"], ["data.loader.image_size=112"], ["data.loader.on_error=skip"],
+                 ["max_steps=3"]):
+        assert fp(sets) == ref, sets

@@ -124,6 +124,19 @@ def test_kill_during_save_keeps_previous_checkpoint(straight, tmp_path, demo_ind
     assert [r["loss"] for r in metrics(out)] == [r["loss"] for r in metrics(straight)]
 
 
+def test_resume_refuses_a_changed_batch_plan(tmp_path, demo_index_fuyu):
+    """resume: auto with another capacity would continue at batch N of another plan: refused in one line, before
+    any step (issue 14 item 8)."""
+    out = str(tmp_path / "replan")
+    train(out, demo_index_fuyu, "max_steps=4", "stop_at_step=2", "export=false")
+    p = train(out, demo_index_fuyu, "max_steps=4", "export=false", "data.loader.capacity=4096", check=False)
+    assert p.returncode == 2, p.stderr[-3000:]
+    err = [line for line in p.stderr.splitlines() if line.startswith("otterfast train:")]
+    assert len(err) == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert "resume would not be exact: data.loader.capacity 2048 when saved, 4096 now" in err[0]
+    assert [r["step"] for r in metrics(out)] == [1, 2]
+
+
 def test_nan_loss_stops_with_a_clear_message(tmp_path, demo_index_fuyu):
     out = str(tmp_path / "nan")
     p = train(out, demo_index_fuyu, "max_steps=6", "save_every=0", env={"OTTERFAST_TEST_NAN_AT_STEP": "3"},

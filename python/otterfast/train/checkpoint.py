@@ -172,13 +172,37 @@ def _refused(e: Exception) -> str:
     return f": {what}" if what else ""
 
 
-def load(engine, path: str, rank: int, world_size: int) -> tuple[dict, dict]:
-    """Restore the engine (model, optimizer, scheduler) from `path`; returns (trainer_state, this rank's state)."""
+def check_plan(path: str, trainer: dict, plan: dict) -> None:
+    """ValueError unless the checkpoint was saved under this batch plan (loop.plan_fingerprint): its data position
+    (epoch, batches) would otherwise be batch N of another plan, and the resume not exact. One line naming every
+    key that changed."""
+    saved = trainer.get("plan")
+    if saved is None:
+        raise ValueError(f"{path}: saved without a batch-plan fingerprint (by an older otterfast): whether resuming "
+                         "it would be exact cannot be checked; start afresh in a new output_dir")
+    changed = [k for k in plan if saved.get(k) != plan[k]]
+    if changed:
+        def show(k, v):
+            return f"{v[:12]}" if k == "data" and isinstance(v, str) else repr(v)
+
+        what = ", ".join(f"{k} {show(k, saved.get(k))} when saved, {show(k, plan[k])} now" for k in changed)
+        why = " (the prepared index: its data, prepare options or files changed)" if "data" in changed else ""
+        ep = trainer.get("loader", {})
+        raise ValueError(f"{path}: resume would not be exact: {what}{why}; its data position (epoch "
+                         f"{ep.get('epoch')}, batch {ep.get('batches')}) belongs to another batch plan; set "
+                         f"{'it' if len(changed) == 1 else 'them'} back, or start afresh in a new output_dir")
+
+
+def load(engine, path: str, rank: int, world_size: int, plan: dict | None = None) -> tuple[dict, dict]:
+    """Restore the engine (model, optimizer, scheduler) from `path`; returns (trainer_state, this rank's state).
+    With `plan` (the run's loop.plan_fingerprint), a checkpoint saved under another batch plan is refused first."""
     with open(os.path.join(path, "trainer.json")) as f:
         trainer = json.load(f)
     if trainer["world_size"] != world_size:
-        raise RuntimeError(f"{path} was saved by {trainer['world_size']} ranks, this run has {world_size}: the "
-                           "data position and DeepSpeed's sharded state are per rank; resume with the same number")
+        raise ValueError(f"{path} was saved by {trainer['world_size']} ranks, this run has {world_size}: the "
+                         "data position and DeepSpeed's sharded state are per rank; resume with the same number")
+    if plan is not None:
+        check_plan(path, trainer, plan)
     root, tag = os.path.split(os.path.abspath(path))
     loaded, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
     if loaded is None:

@@ -280,6 +280,20 @@ def train_step(engine, micro: list[dict], device, world: int, nan_now: bool) -> 
 
 # ---- the run --------------------------------------------------------------------------------------------
 
+def plan_fingerprint(cfg, plan: DataPlan, world: int) -> dict:
+    """Every setting that decides which micro-batches make which optimizer step, by config key: a checkpoint's data
+    position (epoch, batches) means the same batches only under the same values. The prepared index counts by its
+    digest (inputs, prepare options, token counts: data/index.py). Not in it, on purpose: max_steps, epochs and
+    the schedule (the run's length; the plan's batches stay the same), image_size/transform, on_error, threads."""
+    loader = plan.loader
+    lc = loader.cfg
+    return {"seed": cfg.seed, "world_size": world, "grad_accum": cfg.grad_accum,
+            "data.loader.batch_size": lc.batch_size, "data.loader.pack": lc.pack,
+            "data.loader.capacity": loader.capacity, "data.loader.window": lc.window,
+            "data.loader.shuffle_batches": lc.shuffle_batches, "data.loader.even_batches": lc.even_batches,
+            "data": loader.index.fingerprint()}
+
+
 class Run:
     """What the loop carries from step to step, and the checkpoint it saves."""
 
@@ -288,11 +302,12 @@ class Run:
         self.precision = precision
         self.config_yaml, self.say = config_yaml, say
         self.step, self.tokens_seen, self.last_saved = 0, 0, None
+        self.plan_key = plan_fingerprint(cfg, plan, world)
 
     def resume(self, path: str) -> None:
         from . import checkpoint as ck
 
-        trainer, mine = ck.load(self.engine, path, self.rank, self.world)
+        trainer, mine = ck.load(self.engine, path, self.rank, self.world, self.plan_key)
         self.plan.loader.load_state_dict(mine["loader"])
         ck.set_rng_state(mine["rng"])
         self.step, self.tokens_seen, self.last_saved = trainer["step"], trainer["tokens_seen"], trainer["step"]
@@ -302,7 +317,7 @@ class Run:
         from . import checkpoint as ck
 
         trainer = {"step": at_step, "world_size": self.world, "tokens_seen": self.tokens_seen,
-                   "total_steps": self.plan.total, "loader": loader_state, "time": time.time()}
+                   "total_steps": self.plan.total, "loader": loader_state, "plan": self.plan_key, "time": time.time()}
         path = ck.save(self.engine, self.cfg.output_dir, at_step, self.rank, {"loader": loader_state, "rng": rng},
                        trainer, self.config_yaml, self.cfg.keep_last)
         self.last_saved = at_step
