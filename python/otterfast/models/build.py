@@ -87,7 +87,7 @@ def _otterhd_unloaded(cfg, tok) -> Unloaded | None:
 
 
 def _otter_unloaded(cfg, tok) -> Unloaded | None:
-    if not cfg.checkpoint:
+    if not cfg.checkpoint or cfg.init_from:  # init_from loads into whole modules: built whole, then partitioned
         return None
     folder = local_checkpoint(cfg.checkpoint, "Otter")
     doc = dict(cfg.otter)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, CLIPVisionModel
 
-from . import attention
+from . import attention, weights_io
 from .flamingo import GatedCrossAttentionBlock
 from .model_yaml import ModelYaml, from_yaml_dict, local_checkpoint
 from .otter import OtterConfig, OtterForConditionalGeneration
@@ -31,6 +31,8 @@ class OtterModelConfig(ModelYaml):
     -Init checkpoints were made; what is not given is randomly initialised from `otter`'s `text_config` /
     `vision_config`; the Flamingo parts are always new (gates at 0). `otter`: OtterConfig fields.
     `media_token_id` / `eoc_token_id` and the vocabulary come from the prepared index's tokenizer.
+    `init_from: {format: openflamingo | otter, path: FILE}`: trained weights loaded on top of that model
+    (OpenFlamingo's checkpoint.pt, Otter's final_weights.pt, otterfast's trainable.safetensors; weights_io.py).
     """
 
     architecture: str = "otter"
@@ -44,6 +46,7 @@ class OtterModelConfig(ModelYaml):
     # block-diagonal mask: the reference), "flash_attention_2" (transformers' own; needs flash-attn, CUDA and an
     # LM it supports, e.g. LLaMA), "eager"
     attn_implementation: str = "auto"
+    init_from: dict | None = None
 
     @classmethod
     def from_dict(cls, doc: dict, where: str = "model config") -> "OtterModelConfig":
@@ -54,6 +57,8 @@ class OtterModelConfig(ModelYaml):
         bad = sorted(set(cfg.otter) - known)
         if bad:
             raise ValueError(f"{where}: unknown otter key(s) {bad}; valid: {sorted(known)}")
+        if cfg.init_from is not None:
+            weights_io.check_init_from(cfg.init_from, where)
         return cfg
 
 
@@ -87,6 +92,9 @@ def build_otter(cfg: OtterModelConfig, tok: dict) -> OtterForConditionalGenerati
             load_lm_weights(model, lm.state_dict())
         if clip is not None:
             model.vision_encoder.load_state_dict(clip.state_dict())
+    if cfg.init_from:  # before the vocabulary is grown: new rows (OpenFlamingo's <answer>) come after the load
+        weights_io.load_init_weights(model, cfg.init_from, tok, has_lm=bool(cfg.checkpoint or cfg.lang_encoder),
+                                     has_clip=bool(cfg.checkpoint or cfg.vision_encoder))
     if tok["vocab_size"] > model.lang_encoder.get_input_embeddings().weight.shape[0]:
         model.lang_encoder.resize_token_embeddings(tok["vocab_size"])
     finish_otter(model, cfg, tok, lora)

@@ -1,5 +1,7 @@
 """The consolidated transformers export: OUTPUT_DIR/export/ (config.json, model*.safetensors, tokenizer files)
-that `from_pretrained` loads.
+that `from_pretrained` loads, and beside it `trainable.safetensors`, the trainable parameters only (Otter's
+final_weights.pt selection and key names, LoRA folded in), which `init_from: {format: otter}` loads on top of
+the base LM and CLIP (models/weights_io.py).
 
 Under ZeRO-3 every rank holds a shard of each parameter: `engine._zero3_consolidated_16bit_state_dict()`
 gathers them (a collective, layer by layer) into a full state dict on rank 0; handing the partitioned module to
@@ -27,6 +29,7 @@ def export(engine, model, output_dir: str, index_dir: str, rank: int, prefix: st
     import torch.distributed as dist
 
     from ..models.lora import merged_state_dict
+    from ..models.weights_io import save_trainable
 
     if engine.zero_optimization_stage() == 3:
         sd = engine._zero3_consolidated_16bit_state_dict()
@@ -43,6 +46,7 @@ def export(engine, model, output_dir: str, index_dir: str, rank: int, prefix: st
         saved_lora = getattr(model.config, "lora_config", None)
         if lora and saved_lora is not None:
             model.config.lora_config = None  # the export's weights are merged: loading must not add adapters
+        save_trainable(model, sd, tmp, lora)  # the trainable-only delta beside the full weights (weights_io.py)
         try:
             model.save_pretrained(tmp, state_dict=sd)
         finally:
