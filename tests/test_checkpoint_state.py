@@ -174,3 +174,192 @@ def test_plan_fingerprint_names_the_keys_that_change_the_plan(demo_index):
     for sets in (["data.loader.num_threads=1"], ["data.loader.image_size=112"], ["data.loader.on_error=skip"],
                  ["max_steps=3"]):
         assert fp(sets) == ref, sets
+
+
+# ---- power-loss safety (issue 14 item 9) -------------------------------------------------------------------------
+
+class _FakeDeepSpeed:
+    """engine.save_checkpoint as DeepSpeed lays it out (files in the tag folder and below), without fsyncs."""
+
+    def __init__(self, content="model"):
+        self.content = content
+
+    def save_checkpoint(self, root, tag, client_state, save_latest):
+        d = os.path.join(root, tag)
+        os.makedirs(os.path.join(d, "zero"), exist_ok=True)
+        step = client_state["otterfast_step"]
+        with open(os.path.join(d, "mp_rank_00_model_states.pt"), "w") as f:
+            f.write(f"{self.content} {step}")
+        with open(os.path.join(d, "zero", "optim_states.pt"), "w") as f:
+            f.write(f"optim {step}")
+
+
+@pytest.fixture
+def no_barrier(monkeypatch):
+    import torch.distributed as dist
+
+    monkeypatch.setattr(dist, "barrier", lambda: None)
+
+
+def _save(out, step, content="model", keep_last=2):
+    return ck.save(_FakeDeepSpeed(content), str(out), step, 0, {"loader": {"epoch": 0, "batches": step, "seed": 0}},
+                   {"step": step, "world_size": 1}, "seed: 0\n", keep_last)
+
+
+def _fd_path(fd):
+    return os.path.realpath(os.readlink(f"/proc/self/fd/{fd}"))
+
+
+def test_every_file_and_folder_is_fsynced_before_the_rename(tmp_path, monkeypatch, no_barrier):
+    synced: list[str] = []
+    renames: list[tuple[str, str, set]] = []
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd):
+        synced.append(_fd_path(fd))
+        real_fsync(fd)
+
+    def rename(a, b):
+        renames.append((os.path.realpath(a), os.path.realpath(b), set(synced)))
+        real_rename(a, b)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    root = os.path.realpath(tmp_path / "checkpoints")
+    _save(tmp_path, 3)
+    final = os.path.join(root, "step_3")
+    (src, dst, before), = [r for r in renames if r[1] == final]
+    assert src == os.path.join(root, ".tmp-step_3")
+    on_disk = set()
+    for d, dirs, files in os.walk(final):
+        on_disk.add(os.path.join(src, os.path.relpath(d, final)).rstrip("/.") if d != final else src)
+        on_disk |= {os.path.join(src, os.path.relpath(os.path.join(d, f), final)) for f in files}
+    assert os.path.join(src, "zero", "optim_states.pt") in on_disk and len(on_disk) == 8
+    assert on_disk <= before, sorted(on_disk - before)  # DeepSpeed's files, the rank file, COMPLETE, the folders
+    assert synced.index(root, len(before)) >= len(before)  # the parent, after the rename: the rename is durable
+
+
+def test_export_is_fsynced_and_never_deletes_the_old_copy_first(tmp_path, monkeypatch, no_barrier):
+    from otterfast.train import export as ex
+
+    events: list[tuple] = []
+    real_fsync, real_rename, real_rmtree = os.fsync, os.rename, ex.durable.shutil.rmtree
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", _fd_path(fd))), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "rename", lambda a, b: (events.append(("rename", os.path.realpath(a),
+                                                                   os.path.realpath(b))), real_rename(a, b))[1])
+    monkeypatch.setattr(ex.durable.shutil, "rmtree", lambda p, **kw: (events.append(("rmtree", os.path.realpath(p))),
+                                                                      real_rmtree(p, **kw))[1])
+
+    class Model:
+        config = type("C", (), {"lora_config": None})()
+
+        def save_pretrained(self, d, state_dict):
+            os.makedirs(d, exist_ok=True)
+            with open(os.path.join(d, "model.safetensors"), "w") as f:
+                f.write(str(sorted(state_dict)))
+
+    class Engine:
+        module = torch.nn.Sequential()
+        module.add_module("model", torch.nn.Linear(2, 2))
+
+        def zero_optimization_stage(self):
+            return 0
+
+    try:
+        import otterfast.models.weights_io as wio
+        monkeypatch.setattr(wio, "save_trainable", lambda *a, **kw: None)
+    except ImportError:
+        pass
+    out = os.path.realpath(tmp_path / "export")
+    os.makedirs(out)
+    (tmp_path / "export" / "old.txt").write_text("the previous export")
+    ex.export(Engine(), Model(), str(tmp_path), str(tmp_path / "no-index"), 0, meta={"format": "simple"})
+    assert sorted(os.listdir(out)) == ["model.safetensors", "otterfast.json"]
+    tmp = out + ".tmp"
+    i_in = events.index(("rename", tmp, out))
+    assert ("fsync", os.path.join(tmp, "model.safetensors")) in events[:i_in]
+    assert ("fsync", os.path.join(tmp, "otterfast.json")) in events[:i_in] and ("fsync", tmp) in events[:i_in]
+    assert events.index(("rename", out, os.path.join(str(os.path.dirname(out)), ".old-export"))) < i_in
+    assert ("fsync", os.path.dirname(out)) in events[i_in:]
+    deleted = [e for e in events if e[0] == "rmtree" and "old-export" in e[1]]
+    assert deleted and events.index(deleted[0]) > events.index(("fsync", os.path.dirname(out)), i_in)
+
+
+class _Crash(BaseException):
+    pass
+
+
+def _crash_after(monkeypatch, n):
+    """Every file-system mutation (rename, unlink, rmdir) counts; the n-th raises _Crash before it happens, as a
+    power loss there would."""
+    count = [0]
+
+    def wrap(name):
+        real = getattr(os, name)
+
+        def op(*a, **kw):
+            count[0] += 1
+            if count[0] == n:
+                raise _Crash(name)
+            return real(*a, **kw)
+
+        monkeypatch.setattr(os, name, op)
+
+    for name in ("rename", "replace", "unlink", "remove", "rmdir"):
+        wrap(name)
+    return count
+
+
+def _good_copies(out):
+    """Complete checkpoints whose every file holds what its step wrote."""
+    good = []
+    for step, path in ck.complete_checkpoints(str(out)):
+        model = open(os.path.join(path, "mp_rank_00_model_states.pt")).read()
+        assert model.endswith(f" {step}") and open(os.path.join(path, "zero", "optim_states.pt")).read() == \
+            f"optim {step}"
+        assert json.load(open(os.path.join(path, "trainer.json")))["step"] == step
+        assert ck.load_rank_state(os.path.join(path, "rank_0.pt"))["loader"]["batches"] == step
+        good.append((step, model))
+    return good
+
+
+@pytest.mark.parametrize("new_step,content", [(4, "model"), (2, "replaced")])
+def test_a_crash_at_any_point_of_a_save_leaves_a_good_copy(tmp_path, monkeypatch, no_barrier, new_step, content):
+    """step_2 exists; a save of step 4 (keep_last 1: step_2 then deleted) or of step 2 again (NaN stop right after a
+    save) is cut at every file-system operation in turn. After each cut the newest complete checkpoint is step 2 or
+    the new one, whole; resume finds it; the next save cleans up every leftover. (Before: saving step 2 again began
+    by deleting the complete step_2, so a crash there left none.)"""
+    n = 1
+    while True:
+        out = tmp_path / f"run{n}"
+        _save(out, 2)
+        with monkeypatch.context() as m:
+            count = _crash_after(m, n)
+            try:
+                _save(out, new_step, content, keep_last=1)
+                finished = True
+            except _Crash:
+                finished = False
+        good = _good_copies(out)
+        assert good, f"no complete checkpoint after a crash at operation {n}"
+        newest = good[-1]
+        assert newest in ((2, "model 2"), (new_step, f"{content} {new_step}")), (n, good)
+        assert ck.find_resume("auto", str(out)) == ck.complete_checkpoints(str(out))[-1][1]
+        _save(out, 6, keep_last=1)  # the next run's save recovers and cleans
+        assert sorted(os.listdir(out / "checkpoints")) == ["step_6"], n
+        if finished:
+            break
+        n += 1
+    assert n > 5 and count[0] < n  # every operation was cut once, then one save ran through
+
+
+def test_a_leftover_aside_copy_is_resumed_and_put_back(tmp_path, no_barrier):
+    _save(tmp_path, 2)
+    root = tmp_path / "checkpoints"
+    os.rename(root / "step_2", root / ".old-step_2")  # cut between the two renames of a save replacing step 2
+    os.makedirs(root / ".tmp-step_2")
+    assert ck.complete_checkpoints(str(tmp_path)) == [(2, str(root / ".old-step_2"))]
+    assert ck.find_resume("auto", str(tmp_path)) == str(root / ".old-step_2")
+    _save(tmp_path, 3)
+    assert sorted(os.listdir(root)) == ["step_2", "step_3"]
+    assert [s for s, _ in _good_copies(tmp_path)] == [2, 3]

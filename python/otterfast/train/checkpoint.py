@@ -1,21 +1,27 @@
-"""Training checkpoints: complete or absent, never half-written.
+"""Training checkpoints: complete or absent, never half-written, and still there after a power loss.
 
 Layout, OUTPUT_DIR/checkpoints/:
-    step_N/                       a complete checkpoint (the only names `resume` considers)
+    step_N/                       a complete checkpoint (the only names `resume` considers, with .old-step_N)
         COMPLETE                  written last, before the rename (a copied folder keeps the mark)
-        trainer.json              step, epoch, world size, tokens seen, ... (rank 0)
+        trainer.json              step, world size, tokens seen, the batch plan's fingerprint, ... (rank 0)
         config.yaml               the resolved training config
         rank_R.pt                 per rank: the loader's state_dict and the RNG states (python, numpy, torch, cuda),
                                   only tensors, numbers, strings, tuples, lists and dicts: loaded with
                                   torch.load(weights_only=True), so opening a checkpoint cannot run code
         <DeepSpeed's files>       model + optimizer + LR scheduler (engine.save_checkpoint, sharded under ZeRO)
     .tmp-step_N/                  a save in progress (or one killed mid-way: ignored, removed by the next save)
+    .old-step_N/                  the previous step_N while a save of the same step replaces it (durable.py): if a
+                                  save was cut short between the two renames it is the last good copy, so resume
+                                  takes it, and the next save renames it back (or removes it, if step_N made it)
+    .del-*/                       a folder being deleted (renamed first, so no half-deleted step_N ever exists)
 
-Protocol: every rank writes into .tmp-step_N (DeepSpeed's collective save, then its own rank file, fsynced);
-a barrier; rank 0 writes trainer.json, config.yaml and COMPLETE, fsyncs, and renames the folder to step_N
-(atomic on a POSIX file system), then deletes complete checkpoints beyond `keep_last`; a barrier. A kill -9 at
-any point before the rename leaves the previous step_M untouched and still the newest complete one. The output
-folder must be on a file system every rank sees (as DeepSpeed's own checkpoints need).
+Protocol: every rank writes into .tmp-step_N (DeepSpeed's collective save, then its own rank file) and fsyncs every
+file there (DeepSpeed does not: without it a power loss can leave a renamed step_N of truncated shards); a barrier;
+rank 0 writes trainer.json, config.yaml and COMPLETE, fsyncs every file and folder again, and publishes the folder
+as step_N (durable.publish: an existing step_N is renamed aside, never deleted first; the rename is fsynced in the
+parent before the old copy goes), then deletes complete checkpoints beyond `keep_last`; a barrier. A kill -9 or a
+power loss at any point leaves a complete newest checkpoint: the previous one, or this one. The output folder must
+be on a file system every rank sees (as DeepSpeed's own checkpoints need).
 """
 
 from __future__ import annotations
@@ -30,7 +36,10 @@ import signal
 import numpy as np
 import torch
 
+from . import durable
+
 _STEP = re.compile(r"^step_(\d+)$")
+_ASIDE = re.compile(r"^" + re.escape(durable.ASIDE) + r"step_(\d+)$")
 KILL_HOOK = "OTTERFAST_TEST_KILL_IN_SAVE"  # tests: SIGKILL rank 0 in the save of this step, before the rename
 
 
@@ -39,17 +48,22 @@ def ckpt_root(output_dir: str) -> str:
 
 
 def complete_checkpoints(output_dir: str) -> list[tuple[int, str]]:
-    """(step, path) of every complete checkpoint, oldest first."""
+    """(step, path) of every complete checkpoint, oldest first. A complete .old-step_N without a step_N (a save of
+    step N replacing it was cut short) counts as step N: it is the last good copy. Read only: every rank may call
+    it at once; rank 0's next save puts the aside copy back (recover)."""
     root = ckpt_root(output_dir)
     if not os.path.isdir(root):
         return []
-    out = []
-    for name in os.listdir(root):
-        m = _STEP.match(name)
+    names = os.listdir(root)
+    found: dict[int, str] = {}
+    for name in names:
+        m = _STEP.match(name) or _ASIDE.match(name)
         path = os.path.join(root, name)
         if m and os.path.exists(os.path.join(path, "COMPLETE")):
-            out.append((int(m.group(1)), path))
-    return sorted(out)
+            step = int(m.group(1))
+            if name.startswith("step_") or step not in found:
+                found[step] = path
+    return sorted(found.items())
 
 
 def find_resume(resume: str, output_dir: str) -> str | None:
@@ -63,14 +77,6 @@ def find_resume(resume: str, output_dir: str) -> str | None:
     if not os.path.exists(os.path.join(path, "COMPLETE")):
         raise FileNotFoundError(f"resume: {path} is not a complete checkpoint (no COMPLETE marker)")
     return path
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write(path: str, data: bytes) -> None:
@@ -112,15 +118,17 @@ def save(engine, output_dir: str, step: int, rank: int, rank_state: dict, traine
     tmp, final = os.path.join(root, tag), os.path.join(root, f"step_{step}")
     if rank == 0:
         os.makedirs(root, exist_ok=True)
-        for name in os.listdir(root):  # leftovers of saves that were killed
-            if name.startswith(".tmp-step_"):
+        durable.clean_trash(root)
+        for name in os.listdir(root):
+            if name.startswith(".tmp-step_"):  # leftovers of saves that were killed
                 shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-        if os.path.exists(final):  # the same step saved again (e.g. NaN stop right after a save): replace
-            shutil.rmtree(final)
+            m = _ASIDE.match(name)
+            if m:  # a save that replaced step_N and was cut short: the aside copy back, or gone if step_N made it
+                durable.recover(os.path.join(root, f"step_{m.group(1)}"))
     dist.barrier()
     engine.save_checkpoint(root, tag=tag, client_state={"otterfast_step": step}, save_latest=False)
-    buf = _to_bytes(rank_state)
-    _write(os.path.join(tmp, f"rank_{rank}.pt"), buf)
+    _write(os.path.join(tmp, f"rank_{rank}.pt"), _to_bytes(rank_state))
+    durable.fsync_tree(tmp)  # DeepSpeed's files are not fsynced by DeepSpeed; each rank flushes what it wrote
     dist.barrier()
     if rank == 0:
         if os.environ.get(KILL_HOOK) == str(step):
@@ -128,12 +136,10 @@ def save(engine, output_dir: str, step: int, rank: int, rank_state: dict, traine
         _write(os.path.join(tmp, "trainer.json"), json.dumps(trainer_state, indent=1).encode())
         _write(os.path.join(tmp, "config.yaml"), config_yaml.encode())
         _write(os.path.join(tmp, "COMPLETE"), b"")
-        _fsync_dir(tmp)
-        os.rename(tmp, final)
-        _fsync_dir(root)
+        durable.publish(tmp, final)  # fsync every file and folder, rename in (an existing step_N aside first)
         if keep_last:
             for _, old in complete_checkpoints(output_dir)[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+                durable.remove(old)
     dist.barrier()
     return final
 

@@ -7,13 +7,17 @@ Under ZeRO-3 every rank holds a shard of each parameter: `engine._zero3_consolid
 gathers them (a collective, layer by layer) into a full state dict on rank 0; handing the partitioned module to
 `save_pretrained` without it is the pattern that writes empty tensors (Otter's bug, reference 8.2). Stages 0-2
 keep full parameters in the module. The weights are the ones the engine trains: bf16 under bf16 (the fp32
-master copy is in the checkpoints), fp32 on the CPU. Written to export.tmp and renamed when complete.
+master copy is in the checkpoints), fp32 on the CPU. Written to export.tmp, fsynced and renamed in when complete
+(durable.publish): a previous export is renamed aside and deleted only once the new one is durable, so a power
+loss at any point leaves one complete export (an aside copy left by a crash is put back by the next export).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+
+from . import durable
 
 
 def export(engine, model, output_dir: str, index_dir: str, rank: int, prefix: str = "model.",
@@ -37,6 +41,7 @@ def export(engine, model, output_dir: str, index_dir: str, rank: int, prefix: st
         sd = engine.module.state_dict() if rank == 0 else None
     out = os.path.join(output_dir, "export")
     if rank == 0:
+        durable.recover(out)  # an export replaced and cut short by a crash: its previous copy back (or removed)
         sd = {k[len(prefix):]: v.detach().cpu() for k, v in sd.items() if k.startswith(prefix)}
         lora = any(".lora_A." in k for k in sd)
         if lora:
@@ -59,7 +64,6 @@ def export(engine, model, output_dir: str, index_dir: str, rank: int, prefix: st
         if os.path.isdir(tok):
             for name in os.listdir(tok):
                 shutil.copy2(os.path.join(tok, name), os.path.join(tmp, name))
-        shutil.rmtree(out, ignore_errors=True)
-        os.rename(tmp, out)
+        durable.publish(tmp, out)  # fsynced, renamed in; the previous export kept until the new one is durable
     dist.barrier()
     return out if rank == 0 else None
