@@ -33,11 +33,14 @@ from report import env_info, hwm_mb, write_report  # noqa: E402
 
 # ---- generated data --------------------------------------------------------------------------------
 
-def generate(out: str, n: int, seed: int = 0) -> str:
+def generate(out: str, n: int, seed: int = 0, layout: str = "otter") -> str:
     """n real-photo crops (long side 256-1600 px; 90% JPEG q85-95, 10% PNG) in Otter's table layout
-    (pandas index + `base64` column), written in row groups of 64 rows with small pages (no dictionary), so
-    that a reader can fetch some rows without decompressing the whole table (see prepare_memory.md for what
-    pandas' defaults do). IMAGE_TEXT, one question per image."""
+    (pandas index + `base64` column), IMAGE_TEXT, one question per image.
+
+    layout "otter": written as Otter's tools write it, pandas `to_parquet` defaults (one row group; pyarrow
+    checks the page size every 1,024 rows, so a page holds ~1,000 images). layout "small": row groups of 64
+    rows with small pages and no dictionary, so that a reader can fetch some rows without decompressing the
+    whole table (see prepare_memory.md)."""
     import base64
 
     import pandas as pd
@@ -66,8 +69,13 @@ def generate(out: str, n: int, seed: int = 0) -> str:
         data[f"BENCH_INS_{i:06d}"] = {"instruction": q, "answer": a, "image_ids": [ids[-1]], "rel_ins_ids": []}
         texts += [q, a]
     df = pd.DataFrame({"base64": blobs}, index=pd.Index(ids))
-    df.to_parquet(os.path.join(out, "BENCH.parquet"), row_group_size=64, use_dictionary=False,
-                  write_batch_size=4, data_page_size=1 << 20)
+    if layout == "otter":
+        df.to_parquet(os.path.join(out, "BENCH.parquet"))
+    elif layout == "small":
+        df.to_parquet(os.path.join(out, "BENCH.parquet"), row_group_size=64, use_dictionary=False,
+                      write_batch_size=4, data_page_size=1 << 20)
+    else:
+        raise ValueError(f"unknown layout {layout!r} (otter, small)")
     with open(os.path.join(out, "BENCH_instructions.json"), "w") as f:
         json.dump({"meta": {}, "data": data}, f)
     with open(os.path.join(out, "data.yaml"), "w") as f:

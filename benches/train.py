@@ -36,34 +36,6 @@ from report import env_info, hwm_mb, write_report  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-class OtterStyleDataset:
-    """Map-style, one sample per item, as Otter's MimicitDataset: the text tokenized again per sample; pixels
-    decoded by the collate in the worker (Otter: pandas tables + base64 + PIL; OtterHD: reference patches)."""
-
-    def __init__(self, index_dir: str):
-        from otterfast.data.index import PreparedIndex
-        from otterfast.data.reference import ReferenceLoader
-
-        self.index = PreparedIndex(index_dir)
-        self.ref = ReferenceLoader(self.index, batch_size=1, pack=False, seed=0)
-        self.tokenizer = self.index.tokenizer()
-        if self.index.format != "fuyu":
-            from otterfast.data.otter_style import OtterStyleLoader
-
-            self.otter = OtterStyleLoader(self.index, seed=0)  # every image table read whole, before the fork
-            self.ref.pixels = self.otter.load  # Otter's decode + square bicubic resize + normalise
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def __getitem__(self, row: int) -> int:
-        self.tokenizer(self.index.sample(row).text, add_special_tokens=False)  # Otter tokenizes at every step
-        return row
-
-    def collate(self, rows: list[int]) -> dict:
-        return self.ref.collate_rows([[r] for r in rows])
-
-
 def _children_hwm_mb() -> float:
     """Sum of the peak RSS of this process's children (the DataLoader workers)."""
     total = 0.0
@@ -95,13 +67,9 @@ def make_batches(a, index_dir: str):
                 yield from loader
 
         return forever(), {"threads": a.cores}
-    import torch
+    from otterfast.data.otter_style import otter_dataloader
 
-    ds = OtterStyleDataset(index_dir)
-    order = [r for e in range(1000) for r in ds.index.epoch_order(0, e)]  # endless for any --samples
-    dl = torch.utils.data.DataLoader(ds, batch_size=a.batch_size, sampler=order, num_workers=a.cores,
-                                     collate_fn=ds.collate, persistent_workers=a.cores > 0, prefetch_factor=2
-                                     if a.cores > 0 else None)
+    dl = otter_dataloader(index_dir, a.cores, a.batch_size)  # endless enough for any --samples
     return iter(dl), {"workers": a.cores}
 
 

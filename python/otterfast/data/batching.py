@@ -33,11 +33,12 @@ class LoaderConfig:
     window: int = 1000  # best-fit-decreasing window, in samples
     image_transform: str = "otter"  # "otter" (square bicubic resize) or "clip" (resize + centre crop)
     image_size: int = 224
-    # Otter/CLIP pixels: decode greyscale/colour JPEGs at least 2x the target size (both axes) at reduced DCT
-    # scale (1/2..1/8), as PIL's draft() does, before resizing; the native loader then decodes JPEGs with
-    # libjpeg-turbo, exactly as PIL. Off: Otter's full decode (native: zune-jpeg, within 4 levels of PIL).
-    # Never used for Fuyu patches.
-    jpeg_draft: bool = True
+    # Otter/CLIP pixels, opt-in: decode greyscale/colour JPEGs at reduced DCT scale (1/2..1/8, keeping both sides
+    # >= image_size), as PIL's draft() does, before resizing (native: libjpeg-turbo, exactly as PIL). Off by
+    # default: on the demo photos the images it shrinks drift by 42.6 dB PSNR (mean abs 0.45 of 255) from the full
+    # decode, more than two accepted bicubic resizes differ (56.5 dB, 0.15) (benches/results/draft_drift.md);
+    # it saves ~0.6 ms of ~2.2 ms per 0.8 MP photo (benches/results/loader_profile.md). Never used for Fuyu.
+    jpeg_draft: bool = False
     rank: int = 0
     world_size: int = 1
     even_batches: bool = True  # drop the last batches that do not fill a round of ranks
@@ -45,6 +46,11 @@ class LoaderConfig:
     # emits each window's rows longest samples first, so without it the loss swings with the position inside
     # every window (seen in the demo as a spike at each epoch end).
     shuffle_batches: bool = True
+    # Packed: carry each epoch's least-full row into the next epoch's first window instead of emitting it half
+    # empty (on the demo data at 4,096 tokens the last row is 26% full and the epoch's padding 6.9%); the run's
+    # `last_epoch` (set by `otterfast train`; -1: none) emits its leftover as a last batch (EpochPlanner).
+    carry_last_row: bool = True
+    last_epoch: int = -1
     on_error: str = "raise"  # or "skip": leave out a sample whose image fails to decode, counted
     num_threads: int = 0  # native only: 0 = all cores
     prefetch: int = 2  # native only: batches decoded ahead (a packed Otter row of 4096 tokens can hold ~100 MB of pixels)
@@ -103,6 +109,63 @@ def plan_rows(lengths: list[int], order: list[int], capacity: int, window: int) 
             carried = [(bins.pop(k), room.pop(k))]
         rows += bins
     return rows
+
+
+class EpochPlanner:
+    """Each epoch's rows, with the leftover row carried across epochs (LoaderConfig.carry_last_row).
+
+    Epoch e plans `carry(e) + order(e)`: carry(e) is the least-full row of epoch e-1's plan (the most room; ties:
+    the later row), taken out of e-1 and put at the front of e's order, so that its samples share e's first
+    window with e's own (best-fit-decreasing places them like any other). carry(0) is empty; a plan of one row
+    keeps it; a full row is never carried. No sample is lost: a carried sample is trained at the start of the next
+    epoch instead of the end of its own, and the run's last epoch (`last_epoch`) emits its leftover as one extra
+    batch after all the others (`leftover`), so changing the number of epochs at a resume changes no batch before
+    that one.
+
+    carry(e) depends on every epoch before it, so planning epoch e plans 0..e-1 first (token counts only; the
+    carries are kept, so a run plans each epoch once): a resume at epoch e pays e plans. `rows_of(order)` is the
+    packer (the native or the Python twin): both loaders share this class, so their plans stay equal.
+    """
+
+    def __init__(self, rows_of, order_of, lengths, capacity: int, carry: bool, last_epoch: int = -1):
+        self.rows_of, self.order_of, self.lengths = rows_of, order_of, lengths
+        self.capacity, self.carry, self.last_epoch = capacity, carry, last_epoch
+        self._carry_in: dict[int, list[int]] = {0: []}
+
+    def rows(self, epoch: int) -> list[list[int]]:
+        e = max(k for k in self._carry_in if k <= epoch)
+        while e < epoch:  # the carries of the epochs before this one, once
+            self._plan(e)
+            e += 1
+        return self._plan(epoch)
+
+    def leftover(self, epoch: int) -> list[int]:
+        """The row epoch `epoch` emits after its batches: its carry when it is the run's last epoch, else []."""
+        if epoch != self.last_epoch:
+            return []
+        self.rows(epoch)
+        return self._carry_in[epoch + 1]
+
+    def _plan(self, epoch: int) -> list[list[int]]:
+        rows = self.rows_of(self._carry_in[epoch] + list(self.order_of(epoch)))
+        out: list[int] = []
+        if self.carry and len(rows) > 1:
+            fill = [sum(self.lengths[s] for s in r) for r in rows]
+            k = max(range(len(rows)), key=lambda b: (self.capacity - fill[b], b))
+            if fill[k] < self.capacity:
+                out = rows.pop(k)
+        self._carry_in[epoch + 1] = out
+        return rows
+
+    def batches(self, epoch: int, batch_size: int, shuffle: bool, seed: int) -> list[list[list[int]]]:
+        """The whole epoch's batches, before rank sharding: rows in batches of `batch_size`, shuffled (seeded by
+        seed and epoch) when asked, then the last epoch's leftover row as a batch of its own."""
+        rows = self.rows(epoch)
+        out = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+        if shuffle:
+            out = shuffle_batches(out, seed, epoch)
+        tail = self.leftover(epoch)
+        return out + [[tail]] if tail else out
 
 
 def plan_batches(lengths: list[int], order: list[int], batch_size: int, pack: bool, capacity: int,

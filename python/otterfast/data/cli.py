@@ -70,6 +70,15 @@ def cmd_prepare(a) -> int:
     return 0
 
 
+def cmd_repack(a) -> int:
+    from .repack import repack
+
+    s = repack(a.dir, row_group_rows=a.row_group_rows)
+    if s["sources"]:
+        print(f"{a.dir}: {s['images']} images repacked in {s['seconds']}s")
+    return 0
+
+
 def print_summary(meta: dict, out: str) -> None:
     """What `prepare` wrote: counts, per dataset, defects skipped and truncations."""
     c = meta["counts"]
@@ -132,7 +141,7 @@ def cmd_inspect(a) -> int:
 
 def register(sub) -> None:
     """Add `data` and its sub-commands to the top-level sub-commands."""
-    data = sub.add_parser("data", help="MIMIC-IT data: demo, validate, prepare, inspect")
+    data = sub.add_parser("data", help="MIMIC-IT data: demo, validate, prepare, repack, inspect")
     dsub = data.add_subparsers(dest="data_command", required=True)
 
     x = dsub.add_parser("demo", help="build the demo dataset and tokenizer from photos in installed packages")
@@ -152,6 +161,12 @@ def register(sub) -> None:
     x.add_argument("--out", required=True, help="index folder to write")
     _add_prepare_options(x)
     x.set_defaults(func=cmd_prepare)
+
+    x = dsub.add_parser("repack", help="rewrite a prepared index's parquet image tables for fast random access "
+                        "(small row groups, raw bytes; once, after prepare)")
+    x.add_argument("dir", help="a prepared index folder")
+    x.add_argument("--row-group-rows", type=int, default=64, help="images per row group (default 64)")
+    x.set_defaults(func=cmd_repack)
 
     x = dsub.add_parser("inspect", help="print one prepared sample")
     x.add_argument("dir")

@@ -35,7 +35,7 @@ from torch.utils.data import IterableDataset
 
 from .. import _native
 from . import images as imgs
-from .batching import LoaderConfig, shard_batches, shuffle_batches
+from .batching import EpochPlanner, LoaderConfig, shard_batches
 from .defects import DataError
 from .index import PreparedIndex
 from .sources import ImageSource
@@ -150,6 +150,10 @@ class NativeLoader(IterableDataset):
         # Per-sample labels for the batch dicts, as plain lists (pyarrow scalar access per sample costs ~20 us).
         self._sample_ids = self.index.samples.column("sample_id").to_pylist()
         self._groups = self.index.samples.column("group").to_pylist()
+        c, self._lengths = self.cfg, self.index.num_tokens().astype(np.uint32).tolist()
+        # bound methods, not lambdas: the loader pickles (DataLoader workers, spawn)
+        self.planner = EpochPlanner(self._rows_of, self._order_of, self._lengths, self.capacity,
+                                    c.pack and c.carry_last_row, c.last_epoch)
         # Built (and the whole index checked) now, so a bad index fails here, not at the first batch. No
         # thread starts before iter(); a forked child builds its own engine (_engine_here).
         self._engine_here()
@@ -187,17 +191,18 @@ class NativeLoader(IterableDataset):
         """This rank's batches for `epoch` (default: the current one; rust/pack.rs; equal to
         batching.plan_batches). Token counts only: no pixels are read."""
         c = self.cfg
-        epoch = self.epoch if epoch is None else epoch
-        order = self.index.epoch_order(c.seed, epoch)
-        lengths = self.index.num_tokens().astype(np.uint32).tolist()
-        if not c.shuffle_batches:
-            batches, self.dropped_batches = _native.plan_batches(
-                lengths, order, c.batch_size, c.pack, self.capacity, c.window, c.rank, c.world_size, c.even_batches)
-            return batches
-        everything, _ = _native.plan_batches(lengths, order, c.batch_size, c.pack, self.capacity, c.window, 0, 1, False)
-        mine, self.dropped_batches = shard_batches(shuffle_batches(everything, c.seed, epoch), c.rank,
-                                                   c.world_size, c.even_batches)
+        batches = self.planner.batches(self.epoch if epoch is None else epoch, c.batch_size, c.shuffle_batches, c.seed)
+        mine, self.dropped_batches = shard_batches(batches, c.rank, c.world_size, c.even_batches)
         return mine
+
+    def _order_of(self, epoch: int) -> list[int]:
+        return self.index.epoch_order(self.cfg.seed, epoch)
+
+    def _rows_of(self, order: list[int]) -> list[list[int]]:
+        """The packer (rust/pack.rs, equal to batching.plan_rows): one row per batch of one, unsharded."""
+        c = self.cfg
+        batches, _ = _native.plan_batches(self._lengths, order, 1, c.pack, self.capacity, c.window, 0, 1, False)
+        return [b[0] for b in batches]
 
     def __len__(self) -> int:
         return len(self.plan())

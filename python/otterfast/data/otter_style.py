@@ -6,6 +6,10 @@ each image `Image.open(BytesIO(base64.urlsafe_b64decode(df.loc[id]["base64"]))).
 `Resize((224, 224), BICUBIC)`, `ToTensor`, `Normalize(FLAMINGO stats)`; collate pads to the longest.
 It walks the prepared index's samples (so every backend sees the same samples and text) but none of the
 index's image references: images come from the in-RAM tables, as in Otter.
+
+`OtterStyleDataset` + `otter_dataloader` run it as Otter's trainer does: a map-style dataset in a torch
+DataLoader with worker processes (Otter's `--workers`), the tables read before the fork, collate padding to the
+longest. `OtterStyleLoader` alone is the same work in one process (0 workers).
 """
 
 from __future__ import annotations
@@ -71,3 +75,43 @@ class OtterStyleLoader:
                 out[b, : len(x)] = x
                 mask[b, : len(x)] = 1
             yield {"input_ids": out, "attention_mask": mask, "pixels": pixels, "sample_index": np.asarray(rows)}
+
+
+class OtterStyleDataset:
+    """Map-style, one sample per item, as Otter's MimicitDataset: the text tokenized again per sample; pixels
+    decoded by the collate in the worker (Otter: pandas tables + base64 + PIL + square bicubic resize; OtterHD:
+    the reference loader's Fuyu patches, as there is no Otter-style Fuyu path here)."""
+
+    def __init__(self, index: PreparedIndex | str):
+        from .reference import ReferenceLoader
+
+        self.index = index if isinstance(index, PreparedIndex) else PreparedIndex(index)
+        self.ref = ReferenceLoader(self.index, batch_size=1, pack=False, seed=0)
+        self.tokenizer = self.index.tokenizer()
+        if self.index.format != "fuyu":
+            self.otter = OtterStyleLoader(self.index, seed=0)  # every image table read whole, before the fork
+            self.ref.pixels = self.otter.load  # Otter's decode + square bicubic resize + normalise
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, row: int) -> int:
+        self.tokenizer(self.index.sample(row).text, add_special_tokens=False)  # Otter tokenizes at every step
+        return row
+
+    def collate(self, rows: list[int]) -> dict:
+        return self.ref.collate_rows([[r] for r in rows])
+
+
+def otter_dataloader(index: PreparedIndex | str, workers: int, batch_size: int = 8, epochs: int = 1000,
+                     seed: int = 0):
+    """Otter's data path as its trainer runs it: a torch DataLoader over `OtterStyleDataset` with `workers`
+    worker processes (0: in this process), batches of `batch_size` samples padded to the longest, the index's
+    epoch orders one after another (`epochs` of them)."""
+    import torch
+
+    ds = OtterStyleDataset(index)
+    order = [r for e in range(epochs) for r in ds.index.epoch_order(seed, e)]
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=order, num_workers=workers,
+                                       collate_fn=ds.collate, persistent_workers=workers > 0,
+                                       prefetch_factor=2 if workers > 0 else None)

@@ -28,7 +28,7 @@ from typing import Iterator
 import numpy as np
 
 from . import images as imgs
-from .batching import LoaderConfig, plan_batches, shard_batches, shuffle_batches
+from .batching import EpochPlanner, LoaderConfig, plan_rows, shard_batches
 from .defects import DataError
 from .index import PreparedIndex, Sample
 from .sources import BlobReader
@@ -48,6 +48,9 @@ class ReferenceLoader:
         opts = self.index.meta["options"]
         self.fuyu_max = (opts["fuyu_max_height"], opts["fuyu_max_width"])
         self.dropped_batches = 0
+        c, self._lengths = self.cfg, self.index.num_tokens().tolist()
+        self.planner = EpochPlanner(self._rows_of, self._order_of, self._lengths, self.capacity,
+                                    c.pack and c.carry_last_row, c.last_epoch)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -55,12 +58,16 @@ class ReferenceLoader:
     def plan(self) -> list[list[list[int]]]:
         """This rank's batches for the current epoch: batches of rows of index sample rows."""
         c = self.cfg
-        order = self.index.epoch_order(c.seed, self.epoch)
-        batches = plan_batches(self.index.num_tokens().tolist(), order, c.batch_size, c.pack, self.capacity, c.window)
-        if c.shuffle_batches:
-            batches = shuffle_batches(batches, c.seed, self.epoch)
+        batches = self.planner.batches(self.epoch, c.batch_size, c.shuffle_batches, c.seed)
         mine, self.dropped_batches = shard_batches(batches, c.rank, c.world_size, c.even_batches)
         return mine
+
+    def _order_of(self, epoch: int) -> list[int]:
+        return self.index.epoch_order(self.cfg.seed, epoch)
+
+    def _rows_of(self, order: list[int]) -> list[list[int]]:
+        c = self.cfg
+        return plan_rows(self._lengths, order, self.capacity, c.window) if c.pack else [[s] for s in order]
 
     def __len__(self) -> int:
         return len(self.plan())

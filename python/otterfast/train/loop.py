@@ -162,7 +162,9 @@ def setup_data(cfg, index, index_dir: str, rank: int, world: int) -> DataPlan:
 
     from ..data.batching import LoaderConfig
 
-    lcfg = LoaderConfig.make(cfg.data.loader, seed=cfg.seed, rank=rank, world_size=world)
+    # the run's last epoch emits the leftover row that earlier epochs carry forward (batching.EpochPlanner)
+    last_epoch = cfg.epochs - 1 if cfg.epochs is not None else -1
+    lcfg = LoaderConfig.make(cfg.data.loader, seed=cfg.seed, rank=rank, world_size=world, last_epoch=last_epoch)
     if world > 1 and not lcfg.even_batches:
         # uneven batch counts give the ranks different step counts: the last collective would wait forever
         raise ValueError("data.loader.even_batches: false needs a single rank (with several, every rank must run "
@@ -284,13 +286,15 @@ def plan_fingerprint(cfg, plan: DataPlan, world: int) -> dict:
     """Every setting that decides which micro-batches make which optimizer step, by config key: a checkpoint's data
     position (epoch, batches) means the same batches only under the same values. The prepared index counts by its
     digest (inputs, prepare options, token counts: data/index.py). Not in it, on purpose: max_steps, epochs and
-    the schedule (the run's length; the plan's batches stay the same), image_size/transform, on_error, threads."""
+    the schedule (the run's length; the plan's batches stay the same: the last epoch's leftover row is an extra
+    batch after all others, batching.EpochPlanner), image_size/transform, on_error, threads."""
     loader = plan.loader
     lc = loader.cfg
     return {"seed": cfg.seed, "world_size": world, "grad_accum": cfg.grad_accum,
             "data.loader.batch_size": lc.batch_size, "data.loader.pack": lc.pack,
             "data.loader.capacity": loader.capacity, "data.loader.window": lc.window,
             "data.loader.shuffle_batches": lc.shuffle_batches, "data.loader.even_batches": lc.even_batches,
+            "data.loader.carry_last_row": lc.carry_last_row,
             "data": loader.index.fingerprint()}
 
 
