@@ -1,7 +1,7 @@
 """The HTTP app (Starlette): the OpenAI-style API, the chat page, JSON errors everywhere.
 
     GET  /                      the chat page (page/index.html)
-    GET  /health                {"status": "ok", "model", "queued", "busy", "served"}
+    GET  /health                {"status": "ok", "model", "queued", "busy", "finished": {reason: count}}
     GET  /v1/models[/{id}]      the loaded model, with its settings and the server's limits under "otterfast"
     POST /v1/chat/completions   a reply; `stream: true` sends server-sent events, then `data: [DONE]`
 
@@ -132,7 +132,7 @@ def create_app(gen, limits: ServeLimits = ServeLimits(), model_id: str | None = 
 
     async def health(request: Request):
         return JSONResponse({"status": "ok", "model": model_id, "queued": worker.queue.qsize(), "busy": worker.busy,
-                             "served": worker.served})
+                             "finished": dict(worker.finished)})
 
     async def models(request: Request):
         return JSONResponse({"object": "list", "data": [card()]})

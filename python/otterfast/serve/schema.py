@@ -3,6 +3,7 @@
 Content parts: `{"type": "text", "text": ...}`, `{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}`
 (OpenAI's), and otterfast's own `{"type": "video", "frames": ["data:...", ...]}`: the frames of one short video.
 Fields OpenAI has and otterfast does not use (frequency_penalty, user, ...) are ignored; `n` must be 1.
+`ignore_eos: true` (vLLM's extension) makes the reply exactly max_tokens tokens long (benchmarks).
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ class ChatRequest(_Strict):
     stream_options: StreamOptions | None = None
     seed: int | None = None
     n: int = 1
+    ignore_eos: bool = False  # vLLM's extension: exactly max_tokens new tokens (benchmarks: fixed-length replies)
 
     @field_validator("stop")
     @classmethod

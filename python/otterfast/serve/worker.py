@@ -10,6 +10,7 @@ stops at the next token if it has started (Generator.generate_text's `should_sto
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import queue
 import threading
@@ -68,7 +69,7 @@ class ReplyText:
                 if self.buf.endswith(s[:k]):
                     safe = min(safe, len(self.buf) - k)
                     break
-        return self._take(safe)
+        return self._take(len(self.buf[:safe].rstrip()))  # nor the whitespace before a held-back stop start
 
     def finish(self) -> str:
         return self._take(len(self.buf.rstrip()))
@@ -106,7 +107,7 @@ class Worker:
         self.default_max_tokens = (OTTER_DECODE if gen.kind == "otter" else OTTERHD_DECODE)["max_new_tokens"]
         self.queue: queue.Queue = queue.Queue()
         self.busy = False
-        self.served = 0
+        self.finished: collections.Counter = collections.Counter()  # replies by finish reason (/health)
         self.thread = threading.Thread(target=self._run, name="otterfast-serve-model", daemon=True)
 
     def start(self) -> None:
@@ -139,7 +140,6 @@ class Worker:
                 job.emit("error", ApiError(500, f"generation failed: {type(e).__name__}: {e}", code="server_error"))
             finally:
                 self.busy = False
-                self.served += 1
 
     def decode_settings(self, req: ChatRequest, room: int) -> dict:
         """OpenAI's fields -> transformers' generate settings. Greedy unless `temperature` > 0 (then sampled,
@@ -152,6 +152,8 @@ class Worker:
                 decode["top_p"] = req.top_p
         else:
             decode["do_sample"] = False
+        if req.ignore_eos:  # transformers keeps the stop tokens' logits at -inf until min_new_tokens
+            decode["min_new_tokens"] = decode["max_new_tokens"]
         return decode
 
     def _serve(self, job: Job) -> None:
@@ -190,6 +192,7 @@ class Worker:
             finish = "length"
         else:
             finish = "cancelled"
+        self.finished[finish] += 1
         log.info("reply: %d prompt + %d new tokens in %.2fs (%s)", n_prompt, n_new, time.perf_counter() - t0, finish)
         job.emit("done", {"finish_reason": finish, "content": reply.text,
                           "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_new,
