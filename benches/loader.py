@@ -1,16 +1,21 @@
-"""Loader benchmark: Otter-style baseline vs reference vs native (1 thread, all cores), side by side.
+"""Loader benchmark: Otter's data path as its trainer runs it vs the native loader, at equal cores, side by side.
 
-    otterfast bench loader --data DATA.yaml --json OUT.json          # an existing dataset
-    otterfast bench loader --generate 1000 --scales 1,4 --json OUT.json  # a generated real-photo set, 1x and 4x
+    otterfast bench loader --generate 2000 --scales 1,4          # generated real-photo sets, Otter's file layout
+    otterfast bench loader --data DATA.yaml                      # an existing dataset
 
-Every backend runs in its own process (so its peak RSS is its own: VmHWM; the native loader's threads are
-inside it), rounds interleaved (backend order rotates) and the median per backend is reported. Measured per
-backend: samples/s, images/s, decoded source megapixels/s, non-pad tokens/s (all after the first batch),
-padding fraction, peak RSS and construction-to-first-batch time. The decode floor is PIL's
-`Image.open(...).convert("RGB")` of the same images on one core (MP/s).
-
-Writes OUT.json ({"results": [...], "decode_floor_mp_per_s_per_core", "env", ...}) and a markdown table
-beside it (same name, .md).
+Backends, each in its own process pinned to the same cores (1 core, then all cores):
+- otter_style: Otter's path (data/otter_style.py): the image tables read whole into pandas before the fork, a torch
+  DataLoader with as many worker processes as cores (Otter's `--workers`), per sample base64 + PIL decode +
+  square bicubic resize + normalise, text tokenized again, batches of `--batch-size` padded to the longest.
+- native: NativeLoader with as many threads as cores, packed rows of `--capacity` tokens, default options (full
+  JPEG decode: draft decoding is opt-in).
+Datasets: generated photos written as Otter's tools write them (`--layouts otter`: pandas `to_parquet` defaults, one
+row group) and in small row groups (`small`); on Otter's layout the native loader runs on the index as prepared and
+after `otterfast data repack` (its one-time cost reported). Measured per backend after the first batch: samples/s,
+images/s, decoded source MP/s, non-pad tokens/s, padding; peak RSS (with workers: the main process plus each
+worker's peak, fork-shared pages counted in each); construction to first batch. Rounds interleaved (order rotates),
+medians reported. The decode floor: the same images decoded on one core, by PIL and by the native decoder.
+Writes OUT.json and a markdown table beside it.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import argparse
 import io
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -28,7 +34,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from report import env_info, hwm_mb, write_report  # noqa: E402
+from report import children_hwm_mb, env_info, hwm_mb, pin_cores, write_report  # noqa: E402
 
 
 # ---- generated data --------------------------------------------------------------------------------
@@ -87,12 +93,13 @@ def generate(out: str, n: int, seed: int = 0, layout: str = "otter") -> str:
 # ---- one backend, in its own process ------------------------------------------------------------------
 
 def worker(a) -> dict:
-    import torch  # noqa: F401  every training process has torch: the same floor for every backend
+    pin_cores(a.threads)
+    import torch
+
+    torch.set_num_threads(1)  # the consumer only counts; every process the same
 
     from otterfast.data.index import PreparedIndex
     from otterfast.data.loader import NativeLoader
-    from otterfast.data.otter_style import OtterStyleLoader
-    from otterfast.data.reference import ReferenceLoader
 
     idx = PreparedIndex(a.index)
     w = idx.images.column("width").to_numpy().astype(np.int64)
@@ -103,38 +110,42 @@ def worker(a) -> dict:
     mp_of = np.array([sum(int(w[i] * h[i]) for m in ms for i in m) for ms in media], dtype=np.float64) / 1e6
     t0 = time.perf_counter()
     if a.worker == "otter_style":
-        loader = OtterStyleLoader(idx, batch_size=a.batch_size)
-    elif a.worker == "reference":
-        loader = ReferenceLoader(idx, batch_size=a.rows, pack=True, capacity=a.capacity)
+        from otterfast.data.otter_style import otter_dataloader
+
+        loader = otter_dataloader(idx, workers=a.threads, batch_size=a.batch_size, epochs=20)
     else:
         loader = NativeLoader(idx, batch_size=a.rows, pack=True, capacity=a.capacity, num_threads=a.threads)
     samples = images = mp = tokens = slots = 0
-    first = None
-    t_first = None
-    for batch in loader:
-        rows = batch["sample_index"]
-        n_img = int(n_img_of[rows].sum())
-        px = float(mp_of[rows].sum())
-        if first is None:
-            t_first = time.perf_counter()
-            first = time.perf_counter() - t0
-        else:
+    first = t_first = None
+    done = False
+    while not done:
+        for batch in loader:
+            rows = np.asarray(batch["sample_index"])
+            mask = np.asarray(batch["attention_mask"])
+            if first is None:
+                t_first = time.perf_counter()
+                first = t_first - t0
+                continue
             samples += len(rows)
-            images += n_img
-            mp += px
-            tokens += int(batch["attention_mask"].sum())
-            slots += int(batch["attention_mask"].size)
-        if samples >= a.samples:
-            break
+            images += int(n_img_of[rows].sum())
+            mp += float(mp_of[rows].sum())
+            tokens += int(mask.sum())
+            slots += int(mask.size)
+            if samples >= a.samples:
+                done = True
+                break
     dt = time.perf_counter() - t_first
-    return {"backend": a.worker, "threads": a.threads if a.worker == "native" else 1,
-            "samples_per_s": samples / dt, "images_per_s": images / dt, "mp_per_s": mp / dt,
+    return {"backend": a.worker, ("workers" if a.worker == "otter_style" else "threads"): a.threads,
+            "cores": a.threads, "samples_per_s": samples / dt, "images_per_s": images / dt, "mp_per_s": mp / dt,
             "tokens_per_s": tokens / dt, "padding_fraction": 1 - tokens / slots if slots else 0.0,
-            "peak_rss_mb": hwm_mb(), "first_batch_s": first, "samples_measured": samples}
+            "peak_rss_mb": hwm_mb() + children_hwm_mb(), "first_batch_s": first, "samples_measured": samples}
 
 
-def decode_floor(index: str, n: int = 300) -> float:
-    """PIL decode (+ convert RGB) MP/s on one core over the index's first n images."""
+def decode_floor(index: str, n: int = 300) -> dict:
+    """MP/s on one core decoding the index's first n images to RGB: PIL (Otter's decoder) and the native decoder
+    (what the native loader runs per image before its resize)."""
+    pin_cores(1)
+    from otterfast import _native
     from otterfast.data import images as imgs
     from otterfast.data.index import PreparedIndex
     from otterfast.data.sources import BlobReader
@@ -146,69 +157,103 @@ def decode_floor(index: str, n: int = 300) -> float:
         src, ref = idx.image_ref(r)
         b = reader.read(src, ref)
         blobs.append(imgs.b64decode(b) if idx.sources[src].encoding == "base64" else b)
-    t = time.perf_counter()
-    px = 0
-    for b in blobs:
-        im = imgs.decode_rgb(b)
-        px += im.size[0] * im.size[1]
-    return px / 1e6 / (time.perf_counter() - t)
+    out = {}
+    for name, fn in (("pil", lambda b: imgs.decode_rgb(b).size), ("native", lambda b: _native.decode_image(b).shape)):
+        runs = []
+        for _ in range(3):
+            t = time.perf_counter()
+            px = 0
+            for b in blobs:
+                size = fn(b)
+                px += size[0] * size[1]
+            runs.append(px / 1e6 / (time.perf_counter() - t))
+        out[name] = round(statistics.median(runs), 1)
+    return out
 
 
 def run_worker(index: str, backend: str, threads: int, a) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", backend, "--index", index, "--threads", str(threads),
            "--samples", str(a.samples), "--capacity", str(a.capacity), "--rows", str(a.rows),
            "--batch-size", str(a.batch_size)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")  # the Python backends are single-threaded, as Otter's 0 workers
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode:
         raise RuntimeError(f"{backend} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def bench_index(index: str, a, label: str) -> dict:
-    cores = os.cpu_count() or 1
-    backends = [("otter_style", 1), ("reference", 1), ("native", 1), ("native", cores)]
-    runs: dict[tuple, list[dict]] = {b: [] for b in backends}
+def run_repack(index: str) -> dict:
+    """`otterfast data repack` in its own process: seconds and peak RSS."""
+    code = ("import json,sys,time,resource;from otterfast.data.repack import repack;t=time.perf_counter();"
+            "repack(sys.argv[1], log=lambda *_: None);"
+            "print(json.dumps({'seconds': time.perf_counter()-t, "
+            "'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024}))")
+    out = subprocess.run([sys.executable, "-c", code, index], capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"repack failed:\n{out.stderr[-3000:]}")
+    return {k: round(v, 2) for k, v in json.loads(out.stdout.strip().splitlines()[-1]).items()}
+
+
+def bench_cases(cases: list[tuple[str, str, list[tuple[str, int]]]], a) -> list[dict]:
+    """cases: (label, index, [(backend, cores)]); every (case, backend) once per round, order rotating."""
+    jobs = [(c, b) for c, (_, _, backends) in enumerate(cases) for b in backends]
+    runs: dict[tuple, list[dict]] = {j: [] for j in jobs}
     for r in range(a.rounds):
-        for b in backends[r % len(backends):] + backends[: r % len(backends)]:
+        k = r % len(jobs)
+        for c, b in jobs[k:] + jobs[:k]:
+            label, index, _ = cases[c]
             res = run_worker(index, b[0], b[1], a)
-            runs[b].append(res)
-            print(f"  [{label}] round {r}: {b[0]:<12} x{b[1]}: {res['samples_per_s']:8.1f} samples/s, "
+            runs[(c, b)].append(res)
+            print(f"  round {r} [{label}] {b[0]:<11} x{b[1]}: {res['samples_per_s']:8.1f} samples/s, "
                   f"{res['mp_per_s']:6.1f} MP/s, rss {res['peak_rss_mb']:6.0f} MB, first {res['first_batch_s']:.2f}s",
                   flush=True)
-    results = []
-    for b, rs in runs.items():
-        med = {k: statistics.median(x[k] for x in rs) for k in rs[0] if isinstance(rs[0][k], (int, float))}
-        med.update(backend=b[0], threads=b[1])
-        results.append({k: (round(v, 4) if isinstance(v, float) else v) for k, v in med.items()})
-    floor = statistics.median(decode_floor(index) for _ in range(3))
-    from otterfast.data.index import PreparedIndex
-
-    idx = PreparedIndex(index)
-    return {"label": label, "samples": len(idx), "images": len(idx.images), "results": results,
-            "decode_floor_mp_per_s_per_core": round(floor, 2)}
+    out = []
+    for c, (label, index, backends) in enumerate(cases):
+        results = []
+        for b in backends:
+            rs = runs[(c, b)]
+            med = {k: statistics.median(x[k] for x in rs) for k in rs[0] if isinstance(rs[0][k], (int, float))}
+            med["backend"] = b[0]
+            results.append({k: (round(v, 4) if isinstance(v, float) else v) for k, v in med.items()})
+        out.append({"label": label, "results": results})
+    return out
 
 
 def markdown(report: dict) -> str:
     e = report["env"]
     lines = [f"# loader benchmark ({e['date']}, {e['cpus']} CPUs: {e['cpu']}; {e['simd']})", "",
-             f"Packed rows of {report['capacity']} tokens, {report['rows']} row(s) per batch (reference, native; "
-             f"defaults otherwise: JPEG draft decoding on); Otter-style: pad-to-longest batches of "
-             f"{report['batch_size']}, 0 workers. Medians of {report['rounds']} interleaved rounds, each backend in "
-             "its own process with torch imported (peak RSS includes that floor); throughput counts the batches "
-             "after the first; first batch = construction to first batch.", ""]
-    for part in report["datasets"]:
-        lines += [f"## {part['label']}: {part['samples']} samples, {part['images']} images; PIL decode floor "
-                  f"{part['decode_floor_mp_per_s_per_core']} MP/s per core", "",
-                  "| backend | threads | samples/s | images/s | MP/s | tokens/s | padding | peak RSS MB | first batch s |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        base = next(r for r in part["results"] if r["backend"] == "otter_style")["samples_per_s"]
-        for r in part["results"]:
-            lines.append(f"| {r['backend']} | {r['threads']} | {r['samples_per_s']:.1f} ({r['samples_per_s'] / base:.1f}x) | "
-                         f"{r['images_per_s']:.1f} | {r['mp_per_s']:.1f} | {r['tokens_per_s']:.0f} | "
-                         f"{r['padding_fraction']:.1%} | {r['peak_rss_mb']:.0f} | {r['first_batch_s']:.2f} |")
+             f"native: packed rows of {report['capacity']} tokens, {report['rows']} row(s) per batch, default options "
+             f"(full JPEG decode), `threads` = cores. otter_style: Otter's path in a torch DataLoader, `workers` = "
+             f"cores, pad-to-longest batches of {report['batch_size']}. Each run in its own process pinned to its "
+             f"cores; medians of {report['rounds']} interleaved rounds; throughput after the first batch; first "
+             "batch = construction to first batch; peak RSS includes torch's import and, for otter_style, every "
+             "worker's peak.", ""]
+    for d in report["datasets"]:
+        lines += [f"## {d['label']}: {d['samples']} samples, {d['images']} images, image table "
+                  f"{d['table_mib']} MiB", "",
+                  f"Decode floor on one core (same images to RGB): PIL {d['decode_floor']['pil']} MP/s, native "
+                  f"{d['decode_floor']['native']} MP/s." + (f" `otterfast data repack`: {d['repack']['seconds']} s once, "
+                                                             f"peak RSS {d['repack']['peak_rss_mb']:.0f} MB."
+                                                             if d.get("repack") else ""), "",
+                  "| index | backend | cores | samples/s | vs otter_style, same cores | MP/s | tokens/s | padding | "
+                  "peak RSS MB | first batch s |", "|---|---|---|---|---|---|---|---|---|---|"]
+        base = {r["cores"]: r["samples_per_s"] for case in d["cases"] for r in case["results"]
+                if r["backend"] == "otter_style"}
+        for case in d["cases"]:
+            for r in case["results"]:
+                ratio = f"{r['samples_per_s'] / base[r['cores']]:.2f}x" if r["cores"] in base else "-"
+                lines.append(f"| {case['label']} | {r['backend']} | {r['cores']} | {r['samples_per_s']:.1f} | {ratio} | "
+                             f"{r['mp_per_s']:.1f} | {r['tokens_per_s']:.0f} | {r['padding_fraction']:.1%} | "
+                             f"{r['peak_rss_mb']:.0f} | {r['first_batch_s']:.2f} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _table_mib(index: str) -> float:
+    from otterfast.data.index import PreparedIndex
+
+    files = {f for s in PreparedIndex(index).sources for f in s.files}
+    return round(sum(os.path.getsize(f) for f in files) / 2**20, 1)
 
 
 def main(argv=None) -> int:
@@ -216,9 +261,12 @@ def main(argv=None) -> int:
     ap.add_argument("--data", help="a dataset YAML (prepared with --tokenizer, or its folder's tokenizer/)")
     ap.add_argument("--tokenizer", help="tokenizer folder for --data (default: DATA folder/tokenizer)")
     ap.add_argument("--generate", type=int, default=0, help="generate a real-photo dataset of this many images")
-    ap.add_argument("--scales", default="1", help="with --generate: comma-separated multiples, e.g. 1,4")
+    ap.add_argument("--scales", default="1", help="with --generate: comma-separated multiples of Otter's layout, e.g. 1,4 "
+                    "(scales above 1 run all cores only: they are there for memory)")
+    ap.add_argument("--layouts", default="otter,small", help="with --generate: otter (pandas defaults), small")
+    ap.add_argument("--cores", default=None, help="comma-separated core counts (default: 1 and all)")
     ap.add_argument("--json", default="benches/results/loader.json")
-    ap.add_argument("--samples", type=int, default=400, help="samples measured per run (after the first batch)")
+    ap.add_argument("--samples", type=int, default=600, help="samples measured per run (after the first batch)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--capacity", type=int, default=4096)
     ap.add_argument("--rows", type=int, default=1, help="packed rows per batch")
@@ -234,27 +282,40 @@ def main(argv=None) -> int:
         ap.error("give --data DATA.yaml or --generate N")
     from otterfast.data.prepare import PrepareOptions, prepare
 
+    all_cores = len(os.sched_getaffinity(0))
+    cores = [int(x) for x in a.cores.split(",")] if a.cores else sorted({1, all_cores})
     report = {"capacity": a.capacity, "rows": a.rows, "batch_size": a.batch_size, "rounds": a.rounds,
-              "env": env_info("PIL", "pyarrow"), "datasets": []}
+              "cores": cores, "env": env_info("PIL", "pyarrow", "torch"), "datasets": []}
+    opts = PrepareOptions(format="simple", max_seq_len=min(2048, a.capacity), on_error="skip", video_frames=8)
     with tempfile.TemporaryDirectory() as tmp:
-        todo = []
+        todo = []  # (label, yaml, tokenizer, layout, scale)
         if a.data:
             tok = a.tokenizer or os.path.join(os.path.dirname(os.path.abspath(a.data)), "tokenizer")
-            todo.append((os.path.basename(os.path.dirname(os.path.abspath(a.data))) or "data", a.data, tok))
-        for s in [int(x) for x in a.scales.split(",")] if a.generate else []:
-            d = os.path.join(tmp, f"gen{s}")
-            t = time.perf_counter()
-            y = generate(d, a.generate * s)
-            print(f"generated {a.generate * s} images in {time.perf_counter() - t:.1f}s", flush=True)
-            todo.append((f"generated x{s}", y, os.path.join(d, "tokenizer")))
-        for label, y, tok in todo:
+            todo.append((os.path.basename(os.path.dirname(os.path.abspath(a.data))) or "data", a.data, tok, "given", 1))
+        for layout in a.layouts.split(",") if a.generate else []:
+            for s in [int(x) for x in a.scales.split(",")] if layout == "otter" else [1]:  # growth: Otter's layout
+                d = os.path.join(tmp, f"gen-{layout}-{s}")
+                t = time.perf_counter()
+                y = generate(d, a.generate * s, layout=layout)
+                print(f"generated {a.generate * s} images ({layout} layout) in {time.perf_counter() - t:.1f}s", flush=True)
+                todo.append((f"{layout} layout x{s}", y, os.path.join(d, "tokenizer"), layout, s))
+        for label, y, tok, layout, scale in todo:
             out = os.path.join(tmp, "idx-" + label.replace(" ", "_"))
-            prepare(y, tok, out, PrepareOptions(format="simple", max_seq_len=min(2048, a.capacity), on_error="skip",
-                                                video_frames=8))
-            report["datasets"].append(bench_index(out, a, label))
-    first = report["datasets"][0]
-    report["results"] = first["results"]
-    report["decode_floor_mp_per_s_per_core"] = first["decode_floor_mp_per_s_per_core"]
+            prepare(y, tok, out, opts)
+            on = cores if scale == 1 else [max(cores)]
+            cases = [("as prepared", out, [("otter_style", c) for c in on] + [("native", c) for c in on])]
+            entry = {"label": label, "table_mib": _table_mib(out), "decode_floor": decode_floor(out)}
+            if layout == "otter":
+                rp = out + "-repacked"
+                shutil.copytree(out, rp)
+                entry["repack"] = run_repack(rp)
+                cases.append(("after data repack", rp, [("native", c) for c in on]))
+            from otterfast.data.index import PreparedIndex
+
+            idx = PreparedIndex(out)
+            entry.update(samples=len(idx), images=len(idx.images), cases=bench_cases(cases, a))
+            report["datasets"].append(entry)
+            shutil.rmtree(os.path.dirname(y), ignore_errors=True) if a.generate else None
     md = markdown(report)
     md_path = write_report(a.json, report, md)
     print(md)

@@ -24,6 +24,31 @@ def hwm_mb() -> float:
     return float("nan")
 
 
+def children_hwm_mb() -> float:
+    """Sum of the peak RSS of this process's children (e.g. DataLoader workers; fork-shared pages count in each)."""
+    total = 0.0
+    try:
+        with open(f"/proc/self/task/{os.getpid()}/children") as f:
+            pids = f.read().split()
+    except OSError:
+        return 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                total += next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 1024
+        except (OSError, StopIteration):
+            pass
+    return total
+
+
+def pin_cores(n: int) -> list[int]:
+    """Restrict this process (and the processes and threads it starts) to its first `n` allowed cores, so that
+    both sides of a comparison get the same cores. Returns the cores."""
+    cores = sorted(os.sched_getaffinity(0))[: max(1, n)]
+    os.sched_setaffinity(0, cores)
+    return cores
+
+
 def env_info(*packages: str) -> dict:
     """Python, CPU model and SIMD flags, core count, date, torch's threads and device, and the versions of
     `packages` (those that import)."""

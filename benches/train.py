@@ -31,26 +31,9 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from report import env_info, hwm_mb, write_report  # noqa: E402
+from report import children_hwm_mb, env_info, hwm_mb, write_report  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _children_hwm_mb() -> float:
-    """Sum of the peak RSS of this process's children (the DataLoader workers)."""
-    total = 0.0
-    try:
-        with open(f"/proc/self/task/{os.getpid()}/children") as f:
-            pids = f.read().split()
-    except OSError:
-        return 0.0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                total += next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 1024
-        except (OSError, StopIteration):
-            pass
-    return total
 
 
 def make_batches(a, index_dir: str):
@@ -108,7 +91,7 @@ def worker(a) -> dict:
         slots += int(b["attention_mask"].size)
         samples += len(b["sample_index"])
     dt = time.perf_counter() - t_start
-    rss = hwm_mb() + _children_hwm_mb()
+    rss = hwm_mb() + children_hwm_mb()
     return {"backend": a.worker, "capacity": a.capacity if a.worker == "native" else None,
             "batch_size": 1 if a.worker == "native" else a.batch_size, **counts, "torch_threads": a.cores,
             "tokens_per_s": tokens / dt, "samples_per_s": samples / dt, "steps_per_s": steps / dt,
