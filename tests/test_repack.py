@@ -96,3 +96,21 @@ def test_repack_twice_is_refused_and_cli_answers(repacked):
     r = subprocess.run([sys.executable, "-m", "otterfast.cli", "data", "repack", os.path.dirname(repacked) + "/nope"],
                        capture_output=True, text=True)
     assert r.returncode != 0 and "Traceback" not in r.stderr and "not a prepared index" in r.stderr
+
+
+def test_train_repacks_huge_row_groups_when_auto(demo_index, tmp_path, monkeypatch, capsys):
+    from otterfast.data import repack as rp
+    from otterfast.train.loop import _repack
+
+    out = str(tmp_path / "index")
+    shutil.copytree(demo_index, out)
+    _repack(out, "auto")  # the demo's tables are small: nothing to do
+    assert "repacked" not in json.load(open(os.path.join(out, "meta.json")))
+    monkeypatch.setattr(rp, "BIG_ROW_GROUP_BYTES", 1000)  # every demo table now counts as Otter's huge layout
+    assert rp.needs_repack(out)
+    _repack(out, "never")
+    assert "repacked" not in json.load(open(os.path.join(out, "meta.json")))
+    _repack(out, "auto")
+    assert "repacked" in json.load(open(os.path.join(out, "meta.json"))) and "row group)" in capsys.readouterr().out
+    assert rp.needs_repack(out) == []
+    _repack(out, "always")  # already repacked: left alone

@@ -133,6 +133,33 @@ def repack_source(src: ImageSource, wanted: dict[tuple[int, int, int], list[int]
     return placed, n
 
 
+# A row group whose image column is larger than this is read whole for any one image (pandas' defaults make a
+# table one row group): 64 MiB is ~200 photos, already 3x the repacked groups of 64.
+BIG_ROW_GROUP_BYTES = 64 << 20
+
+
+def needs_repack(index_dir: str) -> list[str]:
+    """The parquet image tables of a prepared index that have a row group over BIG_ROW_GROUP_BYTES (their image
+    column, compressed), as 'path (N MiB row group)'; [] when repacked already or none (metadata only)."""
+    idx = PreparedIndex(index_dir)
+    if "repacked" in idx.meta:
+        return []
+    out = []
+    for src in idx.sources:
+        if src.kind != "parquet":
+            continue
+        for path in src.files:
+            md = open_parquet(path).metadata
+            col = md.schema.names.index(src.image_column) if src.image_column in md.schema.names else None
+            if col is None:
+                continue
+            big = max((md.row_group(g).column(col).total_compressed_size for g in range(md.num_row_groups)),
+                      default=0)
+            if big > BIG_ROW_GROUP_BYTES:
+                out.append(f"{path} ({big / 2**20:.0f} MiB row group)")
+    return out
+
+
 def repack(index_dir: str, row_group_rows: int = 64, log=print) -> dict:
     """Rewrite `index_dir`'s parquet image sources (see the module doc). Returns a summary."""
     if row_group_rows < 1:

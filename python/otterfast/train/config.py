@@ -40,8 +40,11 @@ class DataSection:
     yaml: str | None = None  # or a dataset YAML (MIMIC-IT), prepared once by rank 0 into `index`
     tokenizer: str | None = None  # with `yaml`: the tokenizer folder (default: the YAML's folder/tokenizer)
     prepare: PrepareOptions = field(default_factory=PrepareOptions)  # `otterfast data prepare` options
-    # The loader's options (docs/loader.md); seed, rank and world_size are the trainer's: not settable here.
+    # The loader's options (docs/loader.md); seed, rank, world_size and last_epoch are the trainer's: not settable.
     loader: LoaderConfig = field(default_factory=LoaderConfig)
+    # Rewrite the index's parquet image tables for random access (`otterfast data repack`) after preparing or
+    # reusing it: auto (when a table has a row group over 64 MiB: pandas' defaults, Otter's layout), always, never
+    repack: str = "auto"
 
 
 @dataclass
@@ -107,7 +110,7 @@ class TrainConfig:
 
 # Loader options owned by the trainer, not the config.
 _TRAINER_LOADER_KEYS = {"seed": "the top-level `seed`", "rank": "the launcher (RANK)",
-                        "world_size": "the launcher (WORLD_SIZE)"}
+                        "world_size": "the launcher (WORLD_SIZE)", "last_epoch": "the top-level `epochs`"}
 
 
 # ---- loading: the typed loader of otterfast/config.py, with this schema's exceptions ------------------------
@@ -167,6 +170,8 @@ def validate(cfg: TrainConfig) -> None:
     d = cfg.data
     if d.index is None and d.yaml is None:
         bad("data: set data.index (a prepared index) or data.yaml (a dataset YAML to prepare)")
+    if d.repack not in ("auto", "always", "never"):
+        bad(f"data.repack: expected auto, always or never, got {d.repack!r}")
     o = cfg.optim
     if o.lr <= 0 or o.weight_decay < 0 or o.eps <= 0:
         bad("optim: lr and eps must be > 0, weight_decay >= 0")

@@ -83,6 +83,12 @@ def _index_dir(cfg, rank: int) -> str:
 
     d = cfg.data
     if d.yaml is None:
+        if rank == 0 and d.repack != "never":
+            from ..data.repack import needs_repack
+
+            for why in needs_repack(d.index):  # a given index is the user's: say so, do not rewrite it
+                print(f"[train] warning: {why} is read whole for every window of images; `otterfast data repack "
+                      f"{d.index}` rewrites it for random access once", flush=True)
         return d.index
     out = d.index or os.path.join(cfg.output_dir, "index")
     meta = os.path.join(out, "meta.json")
@@ -111,8 +117,28 @@ def _index_dir(cfg, rank: int) -> str:
             t = time.perf_counter()
             prepare(d.yaml, tok, out, d.prepare)
             print(f"[train] prepared {d.yaml} -> {out} ({time.perf_counter() - t:.1f}s)", flush=True)
+        _repack(out, d.repack)
     dist.barrier()
     return out
+
+
+def _repack(index_dir: str, mode: str) -> None:
+    """data.repack (rank 0, after prepare or reuse): rewrite image tables stored in huge row groups (data/repack.py)."""
+    from ..data.repack import needs_repack, repack
+
+    if mode == "never":
+        return
+    with open(os.path.join(index_dir, "meta.json")) as f:
+        if "repacked" in json.load(f):
+            return
+    why = needs_repack(index_dir)
+    if mode == "auto" and not why:
+        return
+    t = time.perf_counter()
+    print(f"[train] repacking the image tables of {index_dir} for random access"
+          + (f": {', '.join(why)}" if why else ""), flush=True)
+    s = repack(index_dir, log=lambda m: print(f"[train] {m}", flush=True))
+    print(f"[train] repacked {s['images']} images ({time.perf_counter() - t:.1f}s)", flush=True)
 
 
 def _seed_all(seed: int) -> None:
