@@ -37,18 +37,18 @@ from .. import _native
 from . import images as imgs
 from .batching import EpochPlanner, LoaderConfig, shard_batches
 from .defects import DataError
-from .index import PreparedIndex
+from .index import PreparedIndex, arrow_numpy
 from .sources import ImageSource
 
 
 def _offsets(col) -> np.ndarray:
     """Offsets of an Arrow list column (chunks combined) as int64."""
-    return np.asarray(col.offsets.to_numpy(zero_copy_only=False), dtype=np.int64) - int(col.offsets[0].as_py())
+    return np.asarray(arrow_numpy(col.offsets), dtype=np.int64) - int(col.offsets[0].as_py())
 
 
 def _values(col, dtype) -> np.ndarray:
     start, end = int(col.offsets[0].as_py()), int(col.offsets[-1].as_py())
-    return np.asarray(col.values.slice(start, end - start).to_numpy(zero_copy_only=False), dtype=dtype)
+    return np.asarray(arrow_numpy(col.values.slice(start, end - start)), dtype=dtype)
 
 
 @dataclass(frozen=True)
@@ -101,13 +101,13 @@ class NativeIndex:
             return t.column(name).combine_chunks()
 
         def icol(name, dtype):
-            return np.ascontiguousarray(im.column(name).to_numpy(), dtype=dtype)
+            return np.ascontiguousarray(arrow_numpy(im.column(name)), dtype=dtype)
 
         ids, spans, mpos, media = col("input_ids"), col("label_spans"), col("media_pos"), col("media_images")
         m0, m1 = int(media.offsets[0].as_py()), int(media.offsets[-1].as_py())
         media_inner = media.values.slice(m0, m1 - m0)
         opts, tok = ix.meta["options"], ix.tok
-        n = im.column("encoded_len").to_numpy().astype(np.int64)
+        n = arrow_numpy(im.column("encoded_len")).astype(np.int64)
         b64 = np.array([ix.sources[s].encoding == "base64" for s in im.column("source").to_pylist()], bool)
         return cls(
             path=ix.path, fuyu=ix.format == "fuyu", pad_id=int(tok["pad_id"]),
