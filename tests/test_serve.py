@@ -410,3 +410,28 @@ def test_serve_cli_errors_are_one_line(tmp_path, capsys):
     assert "not a model folder" in capsys.readouterr().err
     assert main(["serve", str(tmp_path), "--max-images", "0"]) == 2
     assert "--max-images 0" in capsys.readouterr().err
+
+
+def test_demo_ends_with_the_serve_command_for_its_models(monkeypatch, tmp_path, capsys):
+    """`otterfast demo` (its training step, the training itself stubbed out) ends by printing, for each model it
+    trained, an `otterfast serve` command that the CLI accepts."""
+    import argparse
+    import shlex
+    import subprocess
+
+    from otterfast import demo_run
+    from otterfast.cli import build_parser
+    from otterfast.train import plot
+
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 0))
+    monkeypatch.setattr(plot, "read_metrics", lambda d: [{"loss": 1.0, "tokens_per_s": 1.0}] * 4)
+    monkeypatch.setattr(plot, "plot", lambda d: os.path.join(d, "metrics.png"))
+    monkeypatch.setattr(demo_run, "_ask", lambda *a: None)
+    a = argparse.Namespace(train="both", max_seq_len=2048, seed=0)
+    assert demo_run._train(a, str(tmp_path)) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    for line, m in zip(lines[-2:], ("otter", "otterhd")):
+        cmd = shlex.split(line.split(": ", 1)[1].split("(")[0])
+        assert cmd[:2] == ["otterfast", "serve"] and cmd[2] == str(tmp_path / f"train-{m}" / "export")
+        args = build_parser().parse_args(cmd[1:])
+        assert args.func.__module__ == "otterfast.serve.cli" and args.port == 8000

@@ -120,6 +120,10 @@ def _train(a, out: str) -> int:
               f"(mean of the first / last {k} steps), median {tps:.0f} tokens/s; curves {png}; "
               f"model {os.path.join(run_dir, 'export')}", flush=True)
         _ask(os.path.join(run_dir, "export"), os.path.join(out, f"index-{fmt[m]}"))
+    for m in models:  # each model trained, ready to chat with in a browser or over the API (docs/serve.md)
+        print(f"[demo] chat with the {'Otter' if m == 'otter' else 'OtterHD'}: otterfast serve "
+              f"{os.path.join(out, f'train-{m}', 'export')} --port 8000   (then open http://127.0.0.1:8000/)",
+              flush=True)
     return 0
 
 
