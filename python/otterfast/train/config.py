@@ -35,6 +35,19 @@ class ModelSection:
 
 
 @dataclass
+class ValidationSection:
+    """The held-out set `eval_every` (and the run's end) computes the validation loss on (docs/train.md).
+    Either a fraction of the training index (whole groups of related samples, data/split.py) or a dataset of its
+    own (`yaml` prepared like data.yaml, or a prepared `index`)."""
+
+    fraction: float | None = None  # hold out this fraction of the training samples (e.g. 0.02)
+    seed: int = 0  # the fraction split's seed; not the run's `seed`, so runs with other seeds hold out the same set
+    yaml: str | None = None  # or a dataset YAML, prepared once by rank 0 into `index` (default OUTPUT_DIR/val_index)
+    index: str | None = None  # or a prepared index (with `yaml`: where to prepare it)
+    max_batches: int | None = None  # each pass: only the first N batches of the fixed validation plan (all ranks)
+
+
+@dataclass
 class DataSection:
     index: str | None = None  # a prepared index dir (`otterfast data prepare`); with `yaml`: where to prepare it
     yaml: str | None = None  # or a dataset YAML (MIMIC-IT), prepared once by rank 0 into `index`
@@ -45,6 +58,7 @@ class DataSection:
     # Rewrite the index's parquet image tables for random access (`otterfast data repack`) after preparing or
     # reusing it: auto (when a table has a row group over 64 MiB: pandas' defaults, Otter's layout), always, never
     repack: str = "auto"
+    validation: ValidationSection = field(default_factory=ValidationSection)  # held-out data (eval_every)
 
 
 @dataclass
@@ -96,6 +110,9 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches (loader batches) per optimizer step, per rank
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     save_every: int = 0  # checkpoint every N optimizer steps (0: only at the end)
+    # a validation pass every N optimizer steps (and at the run's last step) when data.validation holds a set;
+    # 0 / null: only at the last step
+    eval_every: int | None = None
     keep_last: int = 2  # complete checkpoints kept (older ones deleted after a newer one is complete); 0: all
     resume: str = "auto"  # auto (newest complete checkpoint in output_dir, if any) | off | a checkpoint path
     stop_at_step: int | None = None  # end this process after that step (checkpoint saved), schedule unchanged
@@ -172,6 +189,19 @@ def validate(cfg: TrainConfig) -> None:
         bad("data: set data.index (a prepared index) or data.yaml (a dataset YAML to prepare)")
     if d.repack not in ("auto", "always", "never"):
         bad(f"data.repack: expected auto, always or never, got {d.repack!r}")
+    v = d.validation
+    if v.fraction is not None and not 0 < v.fraction < 1:
+        bad(f"data.validation.fraction must be in (0, 1), got {v.fraction}")
+    if v.fraction is not None and (v.yaml is not None or v.index is not None):
+        bad("data.validation: set fraction (held out of the training data) or yaml/index (a dataset of its own), "
+            "not both")
+    if v.max_batches is not None and v.max_batches < 1:
+        bad("data.validation.max_batches must be >= 1")
+    if cfg.eval_every is not None and cfg.eval_every < 0:
+        bad("eval_every must be >= 0")
+    if cfg.eval_every and v.fraction is None and v.yaml is None and v.index is None:
+        bad("eval_every needs a validation set: data.validation.fraction, data.validation.yaml or "
+            "data.validation.index")
     o = cfg.optim
     if o.lr <= 0 or o.weight_decay < 0 or o.eps <= 0:
         bad("optim: lr and eps must be > 0, weight_decay >= 0")

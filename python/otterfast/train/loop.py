@@ -14,6 +14,10 @@ Data: the native loader, sharded by rank (round-robin batches, even across ranks
 an optimizer step go into the next step, so every epoch sees all the data once. With `epochs`, the run ends
 after that many epochs (a last partial step is dropped); with `max_steps`, after that many steps (or at
 whichever comes first when both are set). The LR schedule spans exactly the steps the run will take.
+
+Validation (data.validation, eval_every): a held-out set, either whole groups of related samples held out of the
+index (data/split.py; the training loader then plans from the rest) or a dataset of its own; every `eval_every`
+steps and at the run's last step its token-mean loss (train/validation.py) is added to that step's metrics line.
 """
 
 from __future__ import annotations
@@ -72,27 +76,30 @@ class LossModel(torch.nn.Module):
         return loss_sum
 
 
-def _index_dir(cfg, rank: int) -> str:
+def _index_dir(cfg, rank: int, source=None) -> str:
     """The prepared index: data.index as is, or data.yaml prepared once (rank 0; the others wait). An index already
     there is reused only if it was prepared with these options from these very inputs (data/fingerprint.py: the
     YAML, instruction and tokenizer files hashed, the image tables' size and mtime); otherwise refused, naming the
-    first changed option or file (it may be another run's: deleting it is the user's call)."""
+    first changed option or file (it may be another run's: deleting it is the user's call).
+    `source`: (yaml, index, tokenizer, default folder name) of another dataset prepared the same way (validation);
+    default: data.yaml, data.index, data.tokenizer, "index"."""
     import torch.distributed as dist
 
     from ..data import fingerprint
 
     d = cfg.data
-    if d.yaml is None:
+    yaml, index, tokenizer, default_name = source or (d.yaml, d.index, d.tokenizer, "index")
+    if yaml is None:
         if rank == 0 and d.repack != "never":
             from ..data.repack import needs_repack
 
-            for why in needs_repack(d.index):  # a given index is the user's: say so, do not rewrite it
+            for why in needs_repack(index):  # a given index is the user's: say so, do not rewrite it
                 print(f"[train] warning: {why} is read whole for every window of images; `otterfast data repack "
-                      f"{d.index}` rewrites it for random access once", flush=True)
-        return d.index
-    out = d.index or os.path.join(cfg.output_dir, "index")
+                      f"{index}` rewrites it for random access once", flush=True)
+        return index
+    out = index or os.path.join(cfg.output_dir, default_name)
     meta = os.path.join(out, "meta.json")
-    tok = d.tokenizer or os.path.join(os.path.dirname(os.path.abspath(d.yaml)), "tokenizer")
+    tok = tokenizer or os.path.join(os.path.dirname(os.path.abspath(yaml)), "tokenizer")
     if rank == 0:
         want = dataclasses.asdict(d.prepare)
         if os.path.exists(meta):
@@ -104,9 +111,9 @@ def _index_dir(cfg, rank: int) -> str:
                                  "delete it or point data.index elsewhere")
             if "inputs" not in have:
                 raise ValueError(f"{out} was prepared without input fingerprints (an older otterfast): whether "
-                                 f"{d.yaml} and its files are still what it was made from cannot be checked; "
+                                 f"{yaml} and its files are still what it was made from cannot be checked; "
                                  "delete it (it is prepared again) or point data.index elsewhere")
-            changed = fingerprint.changes(have["inputs"], fingerprint.of_inputs(d.yaml, tok))
+            changed = fingerprint.changes(have["inputs"], fingerprint.of_inputs(yaml, tok))
             if changed:
                 more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
                 raise ValueError(f"{out} was prepared from other inputs: {changed[0]}{more}; delete it (it is "
@@ -115,11 +122,22 @@ def _index_dir(cfg, rank: int) -> str:
             from ..data.prepare import prepare
 
             t = time.perf_counter()
-            prepare(d.yaml, tok, out, d.prepare)
-            print(f"[train] prepared {d.yaml} -> {out} ({time.perf_counter() - t:.1f}s)", flush=True)
+            prepare(yaml, tok, out, d.prepare)
+            print(f"[train] prepared {yaml} -> {out} ({time.perf_counter() - t:.1f}s)", flush=True)
         _repack(out, d.repack)
     dist.barrier()
     return out
+
+
+def _val_index_dir(cfg, rank: int, train_index_dir: str) -> str | None:
+    """data.validation.index as is, or data.validation.yaml prepared like data.yaml (same prepare options; the
+    training index's tokenizer unless data.tokenizer is set) into data.validation.index or OUTPUT_DIR/val_index.
+    None without a dataset of its own."""
+    v = cfg.data.validation
+    if v.yaml is None and v.index is None:
+        return None
+    tok = cfg.data.tokenizer or os.path.join(train_index_dir, "tokenizer")
+    return _index_dir(cfg, rank, (v.yaml, v.index, tok, "val_index"))
 
 
 def _repack(index_dir: str, mode: str) -> None:
@@ -174,6 +192,8 @@ class DataPlan:
     total: int
     warmup: int
     _lengths: dict = field(default_factory=dict)
+    val: object = None  # validation.ValidationSet, when data.validation holds a set
+    split: object = None  # data/split.Split, when data.validation.fraction held it out of the index
 
     def epoch_len(self, epoch: int) -> int:
         """This rank's batches in `epoch`, from the loader's plan (token counts only, no pixels)."""
@@ -182,11 +202,15 @@ class DataPlan:
         return self._lengths[epoch]
 
 
-def setup_data(cfg, index, index_dir: str, rank: int, world: int) -> DataPlan:
+def setup_data(cfg, index, index_dir: str, rank: int, world: int, val_index=None) -> DataPlan:
+    """This rank's training loader and the run's length; with data.validation, the held-out set (a fraction of
+    `index`, which the training loader then never sees, or `val_index`, a dataset of its own)."""
     from ..data.loader import NativeLoader
     from .optim import warmup_steps
 
     from ..data.batching import LoaderConfig
+    from ..data.split import RestrictedIndex, holdout
+    from .validation import ValidationSet, validation_loader_config
 
     # the run's last epoch emits the leftover row that earlier epochs carry forward (batching.EpochPlanner)
     last_epoch = cfg.epochs - 1 if cfg.epochs is not None else -1
@@ -195,7 +219,19 @@ def setup_data(cfg, index, index_dir: str, rank: int, world: int) -> DataPlan:
         # uneven batch counts give the ranks different step counts: the last collective would wait forever
         raise ValueError("data.loader.even_batches: false needs a single rank (with several, every rank must run "
                          "the same number of steps)")
-    plan = DataPlan(NativeLoader(index, lcfg), 0, 0)
+    v = cfg.data.validation
+    split, val_view = None, None
+    if v.fraction is not None:
+        split = holdout(index, v.fraction, v.seed)
+        val_view = RestrictedIndex(index, split.val_rows, fixed=True)
+        index = RestrictedIndex(index, split.train_rows)  # training plans from the rest only
+    elif val_index is not None:
+        _check_same_vocabulary(index, val_index)
+        val_view = RestrictedIndex(val_index, np.arange(len(val_index)), fixed=True)
+    plan = DataPlan(NativeLoader(index, lcfg), 0, 0, split=split)
+    if val_view is not None:
+        plan.val = ValidationSet(NativeLoader(val_view, validation_loader_config(lcfg)), rank, world, v.max_batches,
+                                 source=val_view.path)
     ga = cfg.grad_accum
     by_epochs = None
     if cfg.epochs is not None:
@@ -208,6 +244,14 @@ def setup_data(cfg, index, index_dir: str, rank: int, world: int) -> DataPlan:
     plan.total = min(x for x in (cfg.max_steps, by_epochs) if x is not None)
     plan.warmup = warmup_steps(plan.total, cfg.schedule.warmup_steps, cfg.schedule.warmup_ratio)
     return plan
+
+
+def _check_same_vocabulary(index, val_index) -> None:
+    """A validation dataset of its own must be tokenized as the training data (same format and tokenizer)."""
+    if val_index.format != index.format or val_index.tok != index.tok:
+        what = "format" if val_index.format != index.format else "tokenizer"
+        raise ValueError(f"validation index {val_index.path} has another {what} than the training index "
+                         f"{index.path}; prepare it with the same options and tokenizer")
 
 
 def setup_model(cfg, index, precision: str, ds: dict):
@@ -313,15 +357,21 @@ def plan_fingerprint(cfg, plan: DataPlan, world: int) -> dict:
     position (epoch, batches) means the same batches only under the same values. The prepared index counts by its
     digest (inputs, prepare options, token counts: data/index.py). Not in it, on purpose: max_steps, epochs and
     the schedule (the run's length; the plan's batches stay the same: the last epoch's leftover row is an extra
-    batch after all others, batching.EpochPlanner), image_size/transform, on_error, threads."""
-    loader = plan.loader
+    batch after all others, batching.EpochPlanner), image_size/transform, on_error, threads, eval_every and a
+    validation dataset of its own (data.validation.yaml/index: the training plan does not depend on them)."""
+    loader, split = plan.loader, plan.split
     lc = loader.cfg
     return {"seed": cfg.seed, "world_size": world, "grad_accum": cfg.grad_accum,
             "data.loader.batch_size": lc.batch_size, "data.loader.pack": lc.pack,
             "data.loader.capacity": loader.capacity, "data.loader.window": lc.window,
             "data.loader.shuffle_batches": lc.shuffle_batches, "data.loader.even_batches": lc.even_batches,
             "data.loader.carry_last_row": lc.carry_last_row,
-            "data": loader.index.fingerprint()}
+            "data": loader.index.fingerprint(),
+            # the fraction split decides which samples the training loader sees (a separate dataset does not); a
+            # checkpoint saved without these keys reads them as None, the values of a run without the split
+            "data.validation.fraction": split.fraction if split else None,
+            "data.validation.seed": split.seed if split else None,
+            "data.validation.held_out": f"{len(split.val_rows)} rows {split.digest()}" if split else None}
 
 
 class Run:
@@ -385,9 +435,10 @@ def _train(cfg, rank: int, world: int, device) -> dict:
         os.makedirs(out, exist_ok=True)
     index_dir = _index_dir(cfg, rank)
     index = PreparedIndex(index_dir)
+    val_dir = _val_index_dir(cfg, rank, index_dir)
     ds = ds_config(cfg, precision, cfg.data.loader.batch_size, world)  # one config: zero.Init and the engine
     model, arch, flops = setup_model(cfg, index, precision, ds)
-    plan = setup_data(cfg, index, index_dir, rank, world)
+    plan = setup_data(cfg, index, index_dir, rank, world, PreparedIndex(val_dir) if val_dir else None)
     engine, counts = setup_engine(cfg, model, plan, ds, device)
     say(f"model {arch}: {counts['trainable'] / 1e6:.2f}M trainable ({counts['decay'] / 1e6:.2f}M with weight decay), "
         f"{counts['frozen'] / 1e6:.2f}M frozen; precision {precision}; ZeRO {cfg.deepspeed.zero_stage}; "
@@ -404,6 +455,12 @@ def _train(cfg, rank: int, world: int, device) -> dict:
     say(f"{plan.total} optimizer steps ({cfg.grad_accum} micro-batch(es) of {lc.batch_size} row(s) x {world} rank(s) "
         f"each; {plan.epoch_len(0)} batches per rank in epoch 0); warmup {plan.warmup}; schedule {cfg.schedule.name}; "
         f"output {out}")
+    if plan.val is not None:
+        vs, sp = plan.val, plan.split
+        held = (f"{len(sp.val_rows)} of {len(index)} samples held out of the training data ({sp.val_groups} of "
+                f"{sp.groups} groups of related samples, split seed {sp.seed})") if sp else f"{vs.source}"
+        say(f"validation: {held}; {vs.samples} samples in {len(vs.batches)} batch(es) per pass"
+            + (f", every {cfg.eval_every} steps and" if cfg.eval_every else "") + " at the last step")
     summary = _loop(run, device, flops)
     if summary["finished"] and cfg.export:
         from .export import export
@@ -449,7 +506,10 @@ def _loop(run: Run, device, flops) -> dict:
             gn = gn_manual if gn is None else float(gn)
             run.step += 1
             run.tokens_seen += int(r.tokens)
-            metrics.log(_record(run, r, gn, lr, timer.lap(), loader.state_dict(), flops, peak, device))
+            rec = _record(run, r, gn, lr, timer.lap(), loader.state_dict(), flops, peak, device)
+            if plan.val is not None and (run.step == plan.total or (cfg.eval_every and run.step % cfg.eval_every == 0)):
+                rec.update(_validate(engine, plan.val, device))
+            metrics.log(rec)
             summary["losses"].append(r.loss)
             if gn is not None and not math.isfinite(gn):
                 raise TrainingStopped(
@@ -458,13 +518,28 @@ def _loop(run: Run, device, flops) -> dict:
                     f"({'step_' + str(run.last_saved) if run.last_saved else 'none'}) with a lower lr or more clipping")
             if cfg.save_every and run.step % cfg.save_every == 0 and run.step < stop_at:
                 run.save(run.step, loader.state_dict(), ck.rng_state())
-            timer.lap()  # saving is not training time
+            timer.lap()  # saving and validation are not training time
         if run.last_saved != run.step and run.step > 0:
             run.save(run.step, loader.state_dict(), ck.rng_state())
         summary.update(step=run.step, total_steps=plan.total, finished=run.step >= plan.total)
     finally:
         metrics.close()
     return summary
+
+
+def _validate(engine, vset, device) -> dict:
+    """A validation pass (train/validation.py) in eval mode, then back to training. The RNG states are put back
+    as they were, so a run's training is the same with or without validation (and resumes as exactly)."""
+    from . import checkpoint as ck
+    from .validation import validation_loss
+
+    rng = ck.rng_state()
+    engine.eval()
+    try:
+        return validation_loss(engine, vset, device, lambda b: _to_device(b, device))
+    finally:
+        engine.train()
+        ck.set_rng_state(rng)
 
 
 def _local_grad_norm(engine):

@@ -1,6 +1,9 @@
 """Per-step metrics on rank 0: one console line per optimizer step (above a progress bar), metrics.jsonl,
 TensorBoard, and wandb when configured and installed.
 
+A step with a validation pass carries its `val_*` keys (val_loss, val_tokens, ...: train/validation.py) in the same
+metrics.jsonl line; TensorBoard and wandb get them as `val/loss`, `val/tokens`, ..., the others as `train/...`.
+
 MFU = achieved model FLOP/s per device / the device's peak dense bf16 FLOP/s, where achieved FLOP/s =
 flops_per_token(model, L) * non-pad tokens/s per device and `flops_per_token` is the model's own estimate
 (models/build.py: 6 N + 12 n_layers d_model L for OtterHD). L is the step's mean sample length: attention on
@@ -95,9 +98,9 @@ class Metrics:
         if self.tb is not None:
             for k, v in rec.items():
                 if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-                    self.tb.add_scalar(f"train/{k}", v, step)
+                    self.tb.add_scalar(scalar_name(k), v, step)
         if self.wandb is not None:
-            self.wandb.log({f"train/{k}": v for k, v in rec.items() if k != "step"}, step=step)
+            self.wandb.log({scalar_name(k): v for k, v in rec.items() if k != "step"}, step=step)
         self.print(format_line(rec))
         if self.bar is not None:
             self.bar.update(1)
@@ -114,6 +117,11 @@ class Metrics:
         self.jsonl.close()
 
 
+def scalar_name(key: str) -> str:
+    """TensorBoard / wandb tag of a metrics key: `val_loss` -> `val/loss`, `loss` -> `train/loss`."""
+    return f"val/{key[4:]}" if key.startswith("val_") else f"train/{key}"
+
+
 def format_line(r: dict) -> str:
     gn = r.get("grad_norm")
     parts = [f"step {r['step']}", f"epoch {r['epoch']:.2f}", f"loss {r['loss']:.4f}",
@@ -122,6 +130,8 @@ def format_line(r: dict) -> str:
              f"mem {r['peak_mem_gb']:.2f} GB"]
     if r.get("mfu") is not None:
         parts.append(f"MFU {r['mfu']:.1%}")
+    if "val_loss" in r:
+        parts.append(f"val loss {r['val_loss']:.4f} ({r['val_tokens']} tokens, {r['val_s']:.1f}s)")
     return " | ".join(parts)
 
 

@@ -1,4 +1,5 @@
-"""`otterfast plot OUTPUT_DIR`: loss (and lr) and throughput curves from metrics.jsonl, as one PNG."""
+"""`otterfast plot OUTPUT_DIR`: loss (and lr, and the validation loss where a step has one) and throughput curves
+from metrics.jsonl, as one PNG."""
 
 from __future__ import annotations
 
@@ -29,7 +30,11 @@ def plot(output_dir: str, out: str | None = None) -> str:
     rows = read_metrics(output_dir)
     steps = [r["step"] for r in rows]
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
-    ax1.plot(steps, [r["loss"] for r in rows], label="loss", color="tab:blue")
+    ax1.plot(steps, [r["loss"] for r in rows], label="training loss", color="tab:blue")
+    val = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
+    if val:
+        ax1.plot([s for s, _ in val], [v for _, v in val], "o-", color="tab:orange", label="validation loss")
+        ax1.legend(loc="upper right")
     ax1.set_ylabel("loss (token mean)")
     ax1.grid(alpha=0.3)
     lr_ax = ax1.twinx()
