@@ -16,6 +16,11 @@ pub enum Error {
     BadHeader(String),
     /// A readable header whose pixels cannot be decoded or transformed.
     BadPixels(String),
+    /// A header size whose long side is over limits::MAX_ASPECT_RATIO x its short side, or whose resize
+    /// would have a side of 0.
+    ExtremeAspect(String),
+    /// A header size (or a resized intermediate) over the max_image_pixels limit.
+    TooLarge(String),
     /// A table row whose image value is null.
     NullImage,
     /// A file (image table, JSON) that cannot be read where the index says; `cause` says how.
@@ -50,6 +55,8 @@ impl Error {
             Error::NotAnImage => "not_an_image",
             Error::BadHeader(_) => "bad_header",
             Error::NullImage => "null_image",
+            Error::ExtremeAspect(_) => "extreme_aspect_ratio",
+            Error::TooLarge(_) => "image_too_large",
             _ => "error",
         }
     }
@@ -72,6 +79,8 @@ impl fmt::Display for Error {
             Error::NotAnImage => f.write_str("bytes are not a JPEG, PNG, WebP or GIF image"),
             Error::BadHeader(m) => write!(f, "corrupt image header: {m}"),
             Error::BadPixels(m) => f.write_str(m),
+            Error::ExtremeAspect(m) => write!(f, "extreme aspect ratio: {m}"),
+            Error::TooLarge(m) => write!(f, "image too large: {m}"),
             Error::NullImage => f.write_str("image bytes are null"),
             Error::File { file, cause } => write!(f, "{file}: {cause}"),
             Error::Image {
@@ -169,5 +178,10 @@ mod tests {
         assert_eq!(Error::NotAnImage.code(), "not_an_image");
         assert_eq!(Error::BadBase64(String::new()).code(), "bad_base64");
         assert_eq!(Error::Invalid(String::new()).code(), "error");
+        assert_eq!(
+            Error::ExtremeAspect(String::new()).code(),
+            "extreme_aspect_ratio"
+        );
+        assert_eq!(Error::TooLarge(String::new()).code(), "image_too_large");
     }
 }

@@ -51,6 +51,8 @@ pub struct IndexData {
     pub newline_id: i64,
     pub fuyu_max_h: u32,
     pub fuyu_max_w: u32,
+    /// prepare's --max-image-pixels: the loader refuses the same image sizes (limits.rs).
+    pub max_image_pixels: u64,
     // Per sample (samples.arrow).
     pub sample_ids: Vec<String>,
     pub datasets: Vec<String>,
@@ -317,6 +319,7 @@ pub(crate) mod tests {
             newline_id: -1,
             fuyu_max_h: 1080,
             fuyu_max_w: 1920,
+            max_image_pixels: crate::limits::DEFAULT_MAX_PIXELS,
             sample_ids: vec!["a".into(), "b".into()],
             datasets: vec!["D".into(), "D".into()],
             num_tokens: vec![3, 2],

@@ -8,7 +8,7 @@
 //!   pixels.rs   which transform, per loader             layout.rs  a batch's tokens, media and pixel slots
 //!   index.rs    the prepared index, checked             config.rs  the loader options (LoaderConfig)
 //!   pack.rs     the epoch plan                          pipeline.rs  producer thread, pool, queue
-//!   error.rs    the one error type
+//!   error.rs    the one error type                    limits.rs  the largest image and resize allowed
 //!
 //! Every function releases the GIL around its work and turns failures into Python exceptions (through
 //! `From<Error> for PyErr` below) or per-item error codes, never panics.
@@ -20,6 +20,7 @@ pub mod error;
 pub mod header;
 pub mod index;
 pub mod layout;
+pub mod limits;
 pub mod pack;
 pub mod pipeline;
 pub mod pixels;

@@ -210,9 +210,11 @@ fn plan_batches(
 }
 
 /// Decode + transform one encoded image: mode "otter" / "clip" -> (3, size, size) float32;
-/// "fuyu" -> (rows * cols, 2700) float32 patches, with (rows, cols).
+/// "fuyu" -> (rows * cols, 2700) float32 patches, with (rows, cols). Sizes refused as the loader refuses
+/// them (limits.rs, `max_pixels` as the index's --max-image-pixels).
 #[pyfunction]
-#[pyo3(signature = (data, mode, is_base64=false, size=224, max_h=1080, max_w=1920, jpeg_draft=false))]
+#[pyo3(signature = (data, mode, is_base64=false, size=224, max_h=1080, max_w=1920, jpeg_draft=false,
+                    max_pixels=crate::limits::DEFAULT_MAX_PIXELS))]
 #[allow(clippy::too_many_arguments)]
 fn transform_image(
     py: Python<'_>,
@@ -223,9 +225,10 @@ fn transform_image(
     max_h: u32,
     max_w: u32,
     jpeg_draft: bool,
+    max_pixels: u64,
 ) -> PyResult<(Py<PyAny>, usize, usize)> {
     let pixels = Pixels::named(&mode, size, max_h, max_w)?;
-    let (v, r, c) = py.detach(move || pixels.render(&data, is_base64, jpeg_draft))?;
+    let (v, r, c) = py.detach(move || pixels.render(&data, is_base64, jpeg_draft, max_pixels))?;
     let arr = if r > 0 {
         v.into_pyarray(py)
             .reshape([r * c, 2700])?
@@ -241,11 +244,16 @@ fn transform_image(
 /// Decode one encoded image to RGB like PIL's convert("RGB"): (height, width, 3) uint8; with `draft`
 /// (a size), JPEGs are decoded at reduced DCT scale like PIL after `img.draft("RGB", (draft, draft))`.
 #[pyfunction]
-#[pyo3(signature = (data, draft=None))]
-fn decode_image(py: Python<'_>, data: Vec<u8>, draft: Option<u32>) -> PyResult<Py<PyAny>> {
+#[pyo3(signature = (data, draft=None, max_pixels=crate::limits::DEFAULT_MAX_PIXELS))]
+fn decode_image(
+    py: Python<'_>,
+    data: Vec<u8>,
+    draft: Option<u32>,
+    max_pixels: u64,
+) -> PyResult<Py<PyAny>> {
     let rgb = py.detach(move || match draft {
-        Some(s) => crate::decode::decode_rgb_draft(&data, s, s),
-        None => crate::decode::decode_rgb(&data),
+        Some(s) => crate::decode::decode_rgb_draft(&data, s, s, max_pixels),
+        None => crate::decode::decode_rgb(&data, max_pixels),
     })?;
     let (h, w) = (rgb.height as usize, rgb.width as usize);
     Ok(rgb

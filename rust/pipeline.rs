@@ -47,9 +47,13 @@ fn build_batch(
                 .filter_map(|(part, slot)| {
                     let img = slot.img;
                     let r = match blobs.get(&img) {
-                        Some(Ok(b)) => {
-                            pixels.write(b, blobs::is_base64(ix, img), cfg.jpeg_draft, part)
-                        }
+                        Some(Ok(b)) => pixels.write(
+                            b,
+                            blobs::is_base64(ix, img),
+                            cfg.jpeg_draft,
+                            ix.max_image_pixels,
+                            part,
+                        ),
                         Some(Err(e)) => Err(e.clone()),
                         None => Err(Error::Runtime(format!(
                             "internal: the bytes of image row {img} were not read"

@@ -39,6 +39,15 @@ impl Pixels {
 
     /// A transform by name ("otter", "clip", "fuyu"), for the single-image binding.
     pub fn named(mode: &str, size: u32, max_h: u32, max_w: u32) -> Result<Pixels> {
+        // The loader's bound (config.rs); the output alone is 3 * size^2 floats.
+        if mode != "fuyu" && !(1..=16_384).contains(&size) {
+            return Err(Error::Invalid(format!("size {size} not in [1, 16384]")));
+        }
+        if mode == "fuyu" && (max_h == 0 || max_w == 0) {
+            return Err(Error::Invalid(format!(
+                "max_h x max_w {max_h}x{max_w} is empty"
+            )));
+        }
         match mode {
             "otter" => Ok(Pixels::Otter { size }),
             "clip" => Ok(Pixels::Clip { size }),
@@ -56,18 +65,20 @@ impl Pixels {
         }
     }
 
-    /// Decode `blob` and write its pixels into `slot`, sized by the batch layout.
+    /// Decode `blob` and write its pixels into `slot`, sized by the batch layout. Every size is checked
+    /// against limits.rs (`max_pixels`: the index's --max-image-pixels) before it is allocated.
     pub fn write(
         self,
         blob: &[u8],
         is_base64: bool,
         jpeg_draft: bool,
+        max_pixels: u64,
         slot: &mut [f32],
     ) -> Result<()> {
-        let rgb = decode_stored(blob, is_base64, self.draft(jpeg_draft))?;
+        let rgb = decode_stored(blob, is_base64, self.draft(jpeg_draft), max_pixels)?;
         match self {
             Pixels::Otter { size } => transform::otter_pixels_into(&rgb, size, slot),
-            Pixels::Clip { size } => transform::clip_pixels_into(&rgb, size, slot),
+            Pixels::Clip { size } => transform::clip_pixels_into(&rgb, size, max_pixels, slot),
             Pixels::Fuyu { max_h, max_w } => {
                 transform::fuyu_patches_into(&rgb, max_h, max_w, slot).map(|_| ())
             }
@@ -80,15 +91,16 @@ impl Pixels {
         blob: &[u8],
         is_base64: bool,
         jpeg_draft: bool,
+        max_pixels: u64,
     ) -> Result<(Vec<f32>, usize, usize)> {
-        let rgb = decode_stored(blob, is_base64, self.draft(jpeg_draft))?;
+        let rgb = decode_stored(blob, is_base64, self.draft(jpeg_draft), max_pixels)?;
         let mut out = Vec::new();
         match self {
             Pixels::Otter { size } => {
                 transform::otter_pixels(&rgb, size, &mut out).map(|_| (out, 0, 0))
             }
             Pixels::Clip { size } => {
-                transform::clip_pixels(&rgb, size, &mut out).map(|_| (out, 0, 0))
+                transform::clip_pixels(&rgb, size, max_pixels, &mut out).map(|_| (out, 0, 0))
             }
             Pixels::Fuyu { max_h, max_w } => {
                 transform::fuyu_patches(&rgb, max_h, max_w, &mut out).map(|(r, c)| (out, r, c))

@@ -10,6 +10,7 @@ use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer
 
 use crate::decode::Rgb;
 use crate::error::{Error, Result};
+use crate::limits;
 
 pub const FLAMINGO_MEAN: [f32; 3] = [0.481, 0.458, 0.408];
 pub const FLAMINGO_STD: [f32; 3] = [0.269, 0.261, 0.276];
@@ -73,27 +74,46 @@ pub fn otter_pixels_into(img: &Rgb, size: u32, out: &mut [f32]) -> Result<()> {
 
 pub fn otter_pixels(img: &Rgb, size: u32, out: &mut Vec<f32>) -> Result<()> {
     let base = out.len();
-    out.resize(base + 3 * (size * size) as usize, 0.0);
+    out.resize(base + 3 * (size as usize).pow(2), 0.0);
     otter_pixels_into(img, size, &mut out[base..])
 }
 
-pub fn clip_pixels(img: &Rgb, size: u32, out: &mut Vec<f32>) -> Result<()> {
+pub fn clip_pixels(img: &Rgb, size: u32, max_pixels: u64, out: &mut Vec<f32>) -> Result<()> {
     let base = out.len();
-    out.resize(base + 3 * (size * size) as usize, 0.0);
-    clip_pixels_into(img, size, &mut out[base..])
+    out.resize(base + 3 * (size as usize).pow(2), 0.0);
+    clip_pixels_into(img, size, max_pixels, &mut out[base..])
+}
+
+/// CLIP's resize of a `width x height` image: (short side -> size, long side truncated), refused by
+/// limits.rs when a side would be 0 or the whole over `max_pixels` (a 1 x 500,000 strip: 224 x 112,000,000).
+pub fn clip_resized_size(
+    width: u32,
+    height: u32,
+    size: u32,
+    max_pixels: u64,
+) -> Result<(u32, u32)> {
+    let (w, h) = (width as u64, height as u64);
+    let (short, long) = if w <= h { (w, h) } else { (h, w) };
+    if short == 0 {
+        return Err(Error::BadHeader(format!("zero-sized image {w}x{h}")));
+    }
+    // Python's int(size * long / short): an exact integer product, one correctly rounded division.
+    let new_long = ((size as u64 * long) as f64 / short as f64) as u64;
+    let (nw, nh) = if w <= h {
+        (size as u64, new_long)
+    } else {
+        (new_long, size as u64)
+    };
+    limits::check_resized("CLIP's resize", width, height, nw, nh, max_pixels)?;
+    let side = |v: u64| {
+        u32::try_from(v).map_err(|_| Error::TooLarge(format!("{width}x{height}: resized side {v}")))
+    };
+    Ok((side(nw)?, side(nh)?))
 }
 
 /// CLIPImageProcessor: shortest edge -> size (bicubic, long side truncated), centre crop, CLIP stats.
-pub fn clip_pixels_into(img: &Rgb, size: u32, out: &mut [f32]) -> Result<()> {
-    let (w, h) = (img.width as u64, img.height as u64);
-    let (short, long) = if w <= h { (w, h) } else { (h, w) };
-    // Python's int(size * long / short): an exact integer product, one correctly rounded division.
-    let new_long = ((size as u64 * long) as f64 / short as f64) as u32;
-    let (nw, nh) = if w <= h {
-        (size, new_long)
-    } else {
-        (new_long, size)
-    };
+pub fn clip_pixels_into(img: &Rgb, size: u32, max_pixels: u64, out: &mut [f32]) -> Result<()> {
+    let (nw, nh) = clip_resized_size(img.width, img.height, size, max_pixels)?;
     let r = resize(img, nw, nh, FilterType::CatmullRom)?;
     let top = ((nh - size) / 2) as usize;
     let left = ((nw - size) / 2) as usize;
@@ -122,6 +142,16 @@ pub fn fuyu_resized_size(height: u32, width: u32, max_h: u32, max_w: u32) -> (u3
     }
     let s = f64::min(max_h as f64 / height as f64, max_w as f64 / width as f64);
     ((height as f64 * s) as u32, (width as f64 * s) as u32)
+}
+
+/// `fuyu_resized_size`, refused by limits.rs when a side would be 0 (a strip longer than max_h or max_w
+/// times its width); never larger than the image itself, which limits::check_size bounded.
+pub fn fuyu_checked_size(height: u32, width: u32, max_h: u32, max_w: u32) -> Result<(u32, u32)> {
+    let (nh, nw) = fuyu_resized_size(height, width, max_h, max_w);
+    let what = format!("Fuyu's fit into {max_h}x{max_w}");
+    let own = width as u64 * height as u64;
+    limits::check_resized(&what, width, height, nw as u64, nh as u64, own)?;
+    Ok((nh, nw))
 }
 
 /// (patch rows, patch columns) for an image of this original size.
@@ -157,7 +187,7 @@ pub fn fuyu_patches_into(
     max_w: u32,
     out: &mut [f32],
 ) -> Result<(usize, usize)> {
-    let (nh, nw) = fuyu_resized_size(img.height, img.width, max_h, max_w);
+    let (nh, nw) = fuyu_checked_size(img.height, img.width, max_h, max_w)?;
     let resized;
     let img = if (nh, nw) != (img.height, img.width) {
         resized = resize(img, nw, nh, FilterType::Bilinear)?;

@@ -63,11 +63,14 @@ def plan_batches(
 
 def transform_image(
     data: bytes, mode: str, is_base64: bool = False, size: int = 224, max_h: int = 1080, max_w: int = 1920,
-    jpeg_draft: bool = False,
+    jpeg_draft: bool = False, max_pixels: int = 89_478_485,
 ) -> tuple[np.ndarray, int, int]:
     """Decode + transform one image: "otter"/"clip" -> (3, size, size) float32, "fuyu" -> (rows*cols, 2700);
-    with jpeg_draft, JPEGs are decoded as by `decode_image(data, draft=size)`. ValueError on bad bytes or mode."""
+    with jpeg_draft, JPEGs are decoded as by `decode_image(data, draft=size)`. ValueError on bad bytes or mode,
+    and (before anything is allocated) on a size the loaders refuse (rust/limits.rs, data/images.py
+    `size_defect`): "extreme aspect ratio: ..." or "image too large: ..." (max_pixels: --max-image-pixels)."""
 
-def decode_image(data: bytes, draft: int | None = None) -> np.ndarray:
+def decode_image(data: bytes, draft: int | None = None, max_pixels: int = 89_478_485) -> np.ndarray:
     """Decode to RGB like PIL's convert("RGB"): (height, width, 3) uint8. With `draft` (a size), greyscale and
-    colour JPEGs are decoded by libjpeg-turbo exactly as PIL after img.draft("RGB", (draft, draft))."""
+    colour JPEGs are decoded by libjpeg-turbo exactly as PIL after img.draft("RGB", (draft, draft)). The header's
+    size is checked first, as by `transform_image`."""

@@ -28,6 +28,7 @@ DEFECT_KINDS = {
     "bad_header": "an image whose header is truncated or corrupt",
     "unreadable_table": "an image whose parquet page cannot be read (a corrupt or truncated table file)",
     "image_too_large": "an image whose header declares more pixels than --max-image-pixels (decompression bomb)",
+    "extreme_aspect_ratio": "an image whose long side is over 200 x its short side (images.MAX_ASPECT_RATIO)",
 }
 
 # Not defects: consequences of max_seq_len, always counted, never an error.

@@ -306,6 +306,16 @@ def probe_arrow(arr: pa.Array, is_b64: bool) -> list[tuple]:
     return [("null_image", 0, 0, "", 0, "image bytes are null") if isnull else p for isnull, p in zip(nulls, probed)]
 
 
+def _size_defect(w: int, h: int, opts: PrepareOptions) -> tuple[str, str] | None:
+    d = imgs.size_defect(w, h, opts.max_image_pixels)
+    if d is None and opts.format == "fuyu":
+        try:
+            imgs.fuyu_checked_size(h, w, opts.fuyu_max_height, opts.fuyu_max_width)
+        except imgs.ImageSizeError as e:
+            d = (e.kind, e.message)
+    return d
+
+
 def _apply_probe(rows, ris, probed, src: ImageSource, opts, report) -> None:
     for ri, (code, w, h, fmt, n, msg) in zip(ris, probed):
         r = rows[ri]
@@ -313,10 +323,9 @@ def _apply_probe(rows, ris, probed, src: ImageSource, opts, report) -> None:
         if code:
             report.add(code, path, r["image_id"], msg)
             r["defect"] = code
-        elif w * h > opts.max_image_pixels:
-            report.add("image_too_large", path, r["image_id"],
-                       f"{w}x{h} = {w * h} pixels > --max-image-pixels {opts.max_image_pixels}")
-            r["defect"] = "image_too_large"
+        elif (d := _size_defect(w, h, opts)) is not None:  # the loaders' rule (images.size_defect), before decoding
+            report.add(d[0], path, r["image_id"], d[1])
+            r["defect"] = d[0]
         else:
             r.update(width=int(w), height=int(h), format=fmt, encoded_len=int(n))
 

@@ -47,6 +47,7 @@ class ReferenceLoader:
         self.is_fuyu = self.index.format == "fuyu"
         opts = self.index.meta["options"]
         self.fuyu_max = (opts["fuyu_max_height"], opts["fuyu_max_width"])
+        self.max_pixels = int(opts.get("max_image_pixels", imgs.DEFAULT_MAX_IMAGE_PIXELS))
         self.dropped_batches = 0
         c, self._lengths = self.cfg, self.index.num_tokens().tolist()
         self.planner = EpochPlanner(self._rows_of, self._order_of, self._lengths, self.capacity,
@@ -80,6 +81,7 @@ class ReferenceLoader:
     # ---- pixels ------------------------------------------------------------------------------------
 
     def load_image(self, image_row: int, draft: int | None = None):
+        """Decode one image row (its header size checked first, images.check_size); DataError naming it."""
         source, ref = self.index.image_ref(image_row)
         try:
             blob = self.blobs.read(source, ref)
@@ -87,11 +89,22 @@ class ReferenceLoader:
                 raise ValueError("null image bytes")
             if self.index.sources[source].encoding == "base64":
                 blob = imgs.b64decode(blob)
-            return imgs.decode_rgb(blob, draft)
+            return imgs.decode_rgb(blob, draft, self.max_pixels)
         except Exception as e:  # PIL raises many types for bad bytes
-            info = self.index.image(image_row)
-            src = self.index.sources[source]
-            raise DataError(f"{src.files[ref.file]}: image id {info['image_id']!r}: cannot decode: {e}") from None
+            raise self._image_error(image_row, e) from None
+
+    def _image_error(self, image_row: int, e: Exception) -> DataError:
+        source, ref = self.index.image_ref(image_row)
+        info = self.index.image(image_row)
+        src = self.index.sources[source]
+        return DataError(f"{src.files[ref.file]}: image id {info['image_id']!r}: cannot decode: {e}")
+
+    def fuyu_patches(self, image_row: int):
+        img = self.load_image(image_row)
+        try:
+            return imgs.fuyu_patches(img, *self.fuyu_max)
+        except imgs.ImageSizeError as e:
+            raise self._image_error(image_row, e) from None
 
     # ---- layout ------------------------------------------------------------------------------------
 
@@ -112,7 +125,7 @@ class ReferenceLoader:
         n_patches = 0
         for t in range(len(s.input_ids) + 1):
             for row in inserts.get(t, []):
-                p, rows, cols = imgs.fuyu_patches(self.load_image(row), *self.fuyu_max)
+                p, rows, cols = self.fuyu_patches(row)
                 tid, tidx = imgs.fuyu_image_tokens(rows, cols, ph, nl)
                 ids += tid.tolist()
                 lab += [-100] * len(tid)
@@ -126,9 +139,14 @@ class ReferenceLoader:
         return {"ids": ids, "labels": lab, "patch_idx": pidx, "patches": patches}
 
     def pixels(self, image_row: int) -> np.ndarray:
-        tf = imgs.IMAGE_TRANSFORMS[self.cfg.image_transform]
         draft = self.cfg.image_size if self.cfg.jpeg_draft else None
-        return tf(self.load_image(image_row, draft), self.cfg.image_size)
+        img = self.load_image(image_row, draft)
+        if self.cfg.image_transform == "otter":
+            return imgs.otter_transform(img, self.cfg.image_size)
+        try:
+            return imgs.clip_transform(img, self.cfg.image_size, self.max_pixels)
+        except imgs.ImageSizeError as e:
+            raise self._image_error(image_row, e) from None
 
     def collate(self, samples: list[Sample]) -> dict:
         """One sample per row, padded to the longest (what `pack=False` yields)."""

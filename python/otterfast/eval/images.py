@@ -18,9 +18,14 @@ class ImageError(ValueError):
 def _open_bytes(data: bytes, what: str):
     from PIL import Image
 
+    from ..data.images import ImageSizeError, check_size
+
     try:
         img = Image.open(io.BytesIO(data))
+        check_size(*img.size)  # from the header, before decoding: the training loaders' size rule
         img.load()
+    except ImageSizeError as e:
+        raise ImageError(f"{what}: {e}") from e
     except Exception as e:  # PIL raises several types; the caller wants one with the cell named
         raise ImageError(f"{what}: not a decodable image ({e})") from e
     return img.convert("RGB")
@@ -67,7 +72,13 @@ def to_pil_list(cell: Any, base_dir: str | None = None, what: str = "image") -> 
         return to_pil_list(cell.tolist(), base_dir, what)
     from PIL import Image
 
+    from ..data.images import ImageSizeError, check_size
+
     if isinstance(cell, Image.Image):
+        try:
+            check_size(*cell.size)
+        except ImageSizeError as e:
+            raise ImageError(f"{what}: {e}") from e
         return [cell.convert("RGB")]
     if isinstance(cell, dict):
         b = cell.get("bytes")

@@ -44,6 +44,8 @@ def run(a: argparse.Namespace) -> int:
     (otterfast.cli prints them as one line); they are checked before the model loads."""
     from PIL import Image
 
+    from ..data import images as imgs
+
     examples = []
     for e in a.example:
         if "=>" not in e:
@@ -58,9 +60,12 @@ def run(a: argparse.Namespace) -> int:
     for p in a.image:
         try:
             im = Image.open(p)
+            imgs.check_size(*im.size)  # from the header, before decoding: the loaders' size rule (data/images.py)
             im.load()  # decoded now: a truncated file is named here, not midway through generation
         except (FileNotFoundError, IsADirectoryError, PermissionError):
             raise
+        except imgs.ImageSizeError as err:
+            raise ValueError(f"--image {p}: {err}") from err
         except (OSError, Image.DecompressionBombError) as err:  # PIL's UnidentifiedImageError is an OSError
             raise ValueError(f"--image {p}: not a readable image ({err})") from err
         images.append(im)

@@ -115,6 +115,8 @@ class Generator:
 
     def inputs(self, text: str, images=(), video: bool = False, resolution: int | None = None) -> dict:
         """Token ids and media of one prompt (batch of 1) on the model's device."""
+        for im in images:  # the loaders' size rule, before any transform allocates (data/images.py)
+            imgs.check_size(*im.size)
         images = [im.convert("RGB") for im in images]
         ids = self.tok(text, add_special_tokens=False)["input_ids"]
         bos = [self.info.bos_id] if self.info.bos_id is not None else []
@@ -134,7 +136,9 @@ class Generator:
         for im in images:
             if resolution and resolution > 0:  # -1 or None: the image's own size (Otter's `resolution=-1`)
                 s = resolution / min(im.size)
-                im = im.resize((math.ceil(im.width * s), math.ceil(im.height * s)), imgs.Image.LANCZOS)
+                size = (math.ceil(im.width * s), math.ceil(im.height * s))
+                imgs.check_resized(f"--resolution {resolution}", im.size, size, imgs.DEFAULT_MAX_IMAGE_PIXELS)
+                im = im.resize(size, imgs.Image.LANCZOS)
             p, rows, cols = imgs.fuyu_patches(im)
             t, _ = imgs.fuyu_image_tokens(rows, cols, self.info.fuyu_placeholder_id, self.info.fuyu_newline_id)
             patch_ids += t.tolist()
