@@ -410,6 +410,8 @@ def test_serve_cli_errors_are_one_line(tmp_path, capsys):
     assert "not a model folder" in capsys.readouterr().err
     assert main(["serve", str(tmp_path), "--max-images", "0"]) == 2
     assert "--max-images 0" in capsys.readouterr().err
+    assert main(["serve", str(tmp_path), "--max-image-pixels", "100000000"]) == 2  # only lowered, never raised
+    assert "it can only be lowered" in capsys.readouterr().err
 
 
 def test_demo_ends_with_the_serve_command_for_its_models(monkeypatch, tmp_path, capsys):

@@ -3,8 +3,9 @@ any pixel is decoded.
 
 The bounds (ServeLimits in schema.py): pixels per image (decompression bombs: a small file that decodes to
 gigabytes; the header's size is read first) and the aspect ratio (Otter's CLIP resize scales the short edge to
-224: a 1 x 10000 image would become 224 x 2.24M pixels). No check of this kind exists yet in data/images.py or
-eval/images.py; when one lands there, `check_bounds` is the one place to point at it.
+224: a 1 x 10000 image would become 224 x 2.24M pixels). The defaults are the training loaders' size rule (PIL's
+pixel threshold, long side at most 200 x the short one), which data/images.py is gaining as a shared check;
+`check_bounds` is the one place to point at it once it is there.
 """
 
 from __future__ import annotations

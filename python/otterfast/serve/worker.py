@@ -180,8 +180,11 @@ class Worker:
             if out:
                 job.emit("text", out)
 
-        self.gen.generate_text(job.prompt.text, job.prompt.images, video=job.prompt.video, on_text=on_text,
-                               should_stop=lambda: job.cancelled.is_set() or reply.stopped, **decode)
+        try:
+            self.gen.generate_text(job.prompt.text, job.prompt.images, video=job.prompt.video, on_text=on_text,
+                                   should_stop=lambda: job.cancelled.is_set() or reply.stopped, **decode)
+        except ValueError as e:  # the Generator's word on its inputs (e.g. an image its transforms refuse)
+            raise ApiError(400, str(e), code="invalid_value") from e
         tail = reply.finish()
         if tail:
             job.emit("text", tail)
