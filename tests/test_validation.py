@@ -263,3 +263,17 @@ def test_train_logs_val_loss_and_two_ranks_agree(tmp_path, demo_index_fuyu):
     assert [e.step for e in ea.Scalars("val/loss")] == [3, 4]
     png = plot(one)
     assert os.path.getsize(png) > 10_000
+
+
+def test_validation_dataset_of_its_own(tmp_path, demo_dir, demo_index_fuyu):
+    """data.validation.yaml: prepared like data.yaml (its options, the training index's tokenizer) into
+    data.validation.index; the whole of it is the set; overlapping the training data is warned about (here it is
+    the same data: every sample); without eval_every, one pass at the last step."""
+    out, val = str(tmp_path / "run"), str(tmp_path / "val_index")
+    p = train(out, demo_index_fuyu, "max_steps=2", "save_every=0", "export=false",
+              f"data.validation.yaml={os.path.join(demo_dir, 'data.yaml')}", f"data.validation.index={val}")
+    n = len(PreparedIndex(val))
+    assert f"prepared {os.path.join(demo_dir, 'data.yaml')} -> {val}" in p.stdout
+    assert f"warning: {n} of {n} samples of the validation index" in p.stdout
+    rows = metrics(out)
+    assert [r["step"] for r in rows if "val_loss" in r] == [2] and rows[-1]["val_samples"] == n

@@ -63,24 +63,41 @@ class RestrictedIndex(PreparedIndex):
 # ---- related samples ----------------------------------------------------------------------------------
 
 def _edges(index: PreparedIndex) -> tuple[np.ndarray, np.ndarray, int]:
-    """(sample row, key) pairs and the number of keys: a key is an instruction id or an image id."""
+    """(sample row, key) pairs and the number of keys: a key is an instruction id or an image id (equal ids, one
+    key)."""
+    s_rows, s_ids, i_rows, i_ids = _keyed(index)
+    s_enc, i_enc = pc.dictionary_encode(s_ids), pc.dictionary_encode(i_ids)
+    n_src = len(s_enc.dictionary)
+    keys = np.concatenate([arrow_numpy(s_enc.indices).astype(np.int64),
+                           n_src + arrow_numpy(i_enc.indices).astype(np.int64)])
+    return np.concatenate([s_rows, i_rows]), keys, n_src + len(i_enc.dictionary)
+
+
+def _keyed(index: PreparedIndex) -> tuple[np.ndarray, pa.Array, np.ndarray, pa.Array]:
+    """(sample row, instruction id) and (sample row, image id) pairs, the ids as strings."""
     t = index.samples
     src = t.column("source_ids").combine_chunks()
-    s_rows = arrow_numpy(pc.list_parent_indices(src)).astype(np.int64)
-    s_enc = pc.dictionary_encode(pc.list_flatten(src))
-    s_keys = arrow_numpy(s_enc.indices).astype(np.int64)
-    n_src = len(s_enc.dictionary)
-
-    media = t.column("media_images").combine_chunks()  # per sample: media, each a list of image rows (frames)
+    media = t.column("media_images").combine_chunks()
     media_sample = arrow_numpy(pc.list_parent_indices(media)).astype(np.int64)
     frames = pc.list_flatten(media)
     i_rows = media_sample[arrow_numpy(pc.list_parent_indices(frames)).astype(np.int64)] if len(frames) else \
         np.zeros(0, np.int64)
-    image_rows = arrow_numpy(pc.list_flatten(frames)).astype(np.int64) if len(frames) else np.zeros(0, np.int64)
-    id_enc = pc.dictionary_encode(index.images.column("image_id").combine_chunks())
-    image_key = arrow_numpy(id_enc.indices).astype(np.int64)  # image row -> its id's key (equal ids: one key)
-    i_keys = n_src + image_key[image_rows]
-    return (np.concatenate([s_rows, i_rows]), np.concatenate([s_keys, i_keys]), n_src + len(id_enc.dictionary))
+    image_rows = pa.array(arrow_numpy(pc.list_flatten(frames)).astype(np.int64) if len(frames) else
+                          np.zeros(0, np.int64))
+    image_ids = pc.take(index.images.column("image_id").combine_chunks(), image_rows)
+    return (arrow_numpy(pc.list_parent_indices(src)).astype(np.int64), pc.list_flatten(src), i_rows, image_ids)
+
+
+def shared_with(train: PreparedIndex, val: PreparedIndex) -> int:
+    """How many of `val`'s samples share an instruction id or an image id with a sample of `train` (a dataset
+    given for validation is the user's: the trainer warns when it overlaps)."""
+    t_src_rows, t_src, t_img_rows, t_img = _keyed(train)
+    v_src_rows, v_src, v_img_rows, v_img = _keyed(val)
+    hit = np.zeros(len(val), dtype=bool)
+    hit[v_src_rows[np.asarray(pc.is_in(v_src, value_set=pc.unique(t_src)), dtype=bool)]] = True
+    if len(v_img) and len(t_img):
+        hit[v_img_rows[np.asarray(pc.is_in(v_img, value_set=pc.unique(t_img)), dtype=bool)]] = True
+    return int(hit.sum())
 
 
 def related_groups(index: PreparedIndex) -> np.ndarray:

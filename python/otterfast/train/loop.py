@@ -209,7 +209,7 @@ def setup_data(cfg, index, index_dir: str, rank: int, world: int, val_index=None
     from .optim import warmup_steps
 
     from ..data.batching import LoaderConfig
-    from ..data.split import RestrictedIndex, holdout
+    from ..data.split import RestrictedIndex, holdout, shared_with
     from .validation import ValidationSet, validation_loader_config
 
     # the run's last epoch emits the leftover row that earlier epochs carry forward (batching.EpochPlanner)
@@ -227,6 +227,11 @@ def setup_data(cfg, index, index_dir: str, rank: int, world: int, val_index=None
         index = RestrictedIndex(index, split.train_rows)  # training plans from the rest only
     elif val_index is not None:
         _check_same_vocabulary(index, val_index)
+        shared = shared_with(index, val_index)
+        if shared and rank == 0:
+            print(f"[train] warning: {shared} of {len(val_index)} samples of the validation index {val_index.path} "
+                  f"share an instruction id or an image id with the training data: they are not held out",
+                  flush=True)
         val_view = RestrictedIndex(val_index, np.arange(len(val_index)), fixed=True)
     plan = DataPlan(NativeLoader(index, lcfg), 0, 0, split=split)
     if val_view is not None:
