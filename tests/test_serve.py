@@ -273,6 +273,21 @@ def test_reply_streamed_or_not_equals_generate_text(server, otter_gen):
     assert sum(1 for e in events[1:-3] if e["choices"][0]["delta"].get("content")) >= 2  # piece by piece
 
 
+def test_video_frames_are_one_media(server, otter_gen):
+    frames = [photo(20 + i) for i in range(3)]
+    body = {"messages": [{"role": "user", "content": [{"type": "video", "frames": [data_url(f) for f in frames]},
+                                                      {"type": "text", "text": "What happens?"}]}],
+            "max_tokens": 6, "ignore_eos": True}
+    status, out = server.chat(body)
+    assert status == 200, out
+    want = otter_gen.generate_text("<image>User:What happens? GPT:<answer>", frames, video=True, max_new_tokens=6,
+                                   min_new_tokens=6, num_beams=1, do_sample=False)
+    assert out["choices"][0]["message"]["content"] == want
+    mixed = {"messages": [user("q", IMG), {"role": "assistant", "content": "a"}, body["messages"][0]]}
+    status, out = server.chat(mixed)
+    assert status == 400 and "only media" in out["error"]["message"]
+
+
 def test_stop_sequence_cuts_the_reply(server):
     body = {"messages": [user("Describe it.", IMG)], "max_tokens": 16}
     full = server.chat(body)[1]["choices"][0]["message"]["content"]
