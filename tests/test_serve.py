@@ -18,7 +18,6 @@ import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image

@@ -1,7 +1,7 @@
 """The request body of `POST /v1/chat/completions` (OpenAI's chat-completions shape) and the server's limits.
 
-Content parts: `{"type": "text", "text": ...}`, `{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}`
-(OpenAI's), and otterfast's own `{"type": "video", "frames": ["data:...", ...]}`: the frames of one short video.
+Content parts: `{"type": "text", "text": ...}`,
+`{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}` (OpenAI's), and otterfast's own `{"type": "video", "frames": ["data:...", ...]}`: the frames of one short video.
 Fields OpenAI has and otterfast does not use (frequency_penalty, user, ...) are ignored; `n` must be 1.
 `ignore_eos: true` (vLLM's extension) makes the reply exactly max_tokens tokens long (benchmarks).
 """
