@@ -28,6 +28,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.routing import Route
 
+from ..data.images import MAX_ASPECT_RATIO
 from .chat import decode_images, parse_chat, render
 from .errors import ApiError
 from .schema import ServeLimits, parse_request
@@ -125,7 +126,7 @@ def create_app(gen, limits: ServeLimits = ServeLimits(), model_id: str | None = 
                     "video": "one media of frames" if gen.kind == "otter" else "frames as images",
                     "limits": {"max_body_bytes": limits.max_body_bytes, "max_images": limits.max_images,
                                "max_image_pixels": limits.max_image_pixels,
-                               "max_aspect_ratio": limits.max_aspect_ratio, "max_queue": limits.max_queue}}}
+                               "max_aspect_ratio": MAX_ASPECT_RATIO, "max_queue": limits.max_queue}}}
 
     async def index(request: Request):
         return HTMLResponse(page)

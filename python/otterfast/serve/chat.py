@@ -101,7 +101,7 @@ def parse_chat(req: ChatRequest, limits: ServeLimits) -> Chat:
 def decode_images(chat: Chat, limits: ServeLimits) -> None:
     """Every data URL -> an RGB image (ApiError 400 naming the part at the first bad one)."""
     for t in chat.turns:
-        t.images = [open_image(decode_data_url(url, where), limits.max_image_pixels, limits.max_aspect_ratio, where)
+        t.images = [open_image(decode_data_url(url, where), limits.max_image_pixels, where)
                     for url, where in t.images]
 
 

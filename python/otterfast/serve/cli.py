@@ -25,8 +25,6 @@ def register(sub, bench_sub=None) -> None:
     s.add_argument("--max-images", type=int, default=16, help="images per request, video frames included (16)")
     s.add_argument("--max-image-pixels", type=int, help="pixels per image, to lower the default (PIL's "
                                                          "decompression-bomb threshold, 89478485)")
-    s.add_argument("--max-aspect-ratio", type=float, default=200.0, help="longest / shortest side, to lower the "
-                                                                          "default (200)")
     s.add_argument("--max-queue", type=int, default=64, help="requests waiting for the model; more get 503 (64)")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.set_defaults(func=run)
@@ -50,11 +48,10 @@ def limits_from_args(a: argparse.Namespace):
     for name in ("max_images", "max_queue", "port"):
         if getattr(a, name) < (0 if name == "port" else 1):
             raise ValueError(f"--{name.replace('_', '-')} {getattr(a, name)}: must be at least 1")
-    if a.max_body_mb <= 0 or not 1 <= a.max_aspect_ratio <= ServeLimits.max_aspect_ratio:
-        raise ValueError(f"--max-body-mb must be > 0 and --max-aspect-ratio between 1 and "
-                         f"{ServeLimits.max_aspect_ratio:g}")
+    if a.max_body_mb <= 0:
+        raise ValueError(f"--max-body-mb {a.max_body_mb}: must be > 0")
     kw = {"max_body_bytes": int(a.max_body_mb * 1024 * 1024), "max_images": a.max_images,
-          "max_aspect_ratio": a.max_aspect_ratio, "max_queue": a.max_queue}
+          "max_queue": a.max_queue}
     if a.max_image_pixels is not None:
         if not 1 <= a.max_image_pixels <= ServeLimits.max_image_pixels:
             raise ValueError(f"--max-image-pixels {a.max_image_pixels}: must be between 1 and "

@@ -1,11 +1,10 @@
-"""Images in a request: `data:` URLs (base64 JPEG, PNG or WebP) -> RGB PIL images, with bounds checked before
-any pixel is decoded.
+"""Images in a request: `data:` URLs (base64 JPEG, PNG or WebP) -> RGB PIL images, with their size checked from
+the header before any pixel is decoded.
 
-The bounds (ServeLimits in schema.py): pixels per image (decompression bombs: a small file that decodes to
-gigabytes; the header's size is read first) and the aspect ratio (Otter's CLIP resize scales the short edge to
-224: a 1 x 10000 image would become 224 x 2.24M pixels). The defaults are the training loaders' size rule (PIL's
-pixel threshold, long side at most 200 x the short one), which data/images.py is gaining as a shared check;
-`check_bounds` is the one place to point at it once it is there.
+The size rule is the loaders' (data/images.py `size_defect`, the same in prepare, both loaders, eval and
+generate): no side 0, the long side at most 200 x the short one (Otter's CLIP resize scales the short side to
+224: a 1 x 10000 image would become 224 x 2.24M pixels), and at most `max_pixels` pixels (decompression bombs: a
+small file that decodes to gigabytes), which the server may lower (ServeLimits.max_image_pixels).
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ import warnings
 
 from PIL import Image
 
+from ..data.images import size_defect
 from .errors import ApiError
 
 FORMATS = {"JPEG", "PNG", "WEBP"}
@@ -41,19 +41,20 @@ def decode_data_url(url: str, what: str) -> bytes:
         raise ApiError(400, f"{what}: invalid base64 ({e})", code="invalid_image", param=what) from e
 
 
-def check_bounds(width: int, height: int, max_pixels: int, max_aspect: float, what: str) -> None:
-    if width < 1 or height < 1:
-        raise ApiError(400, f"{what}: empty image ({width}x{height})", code="invalid_image", param=what)
-    if width * height > max_pixels:
-        raise ApiError(400, f"{what}: {width}x{height} is {width * height} pixels, over the limit of {max_pixels} "
-                            "(decompression-bomb check)", code="image_too_large", param=what)
-    aspect = max(width / height, height / width)
-    if aspect > max_aspect:
-        raise ApiError(400, f"{what}: {width}x{height} has an aspect ratio of {aspect:.0f}:1, over the limit of "
-                            f"{max_aspect:g}:1", code="image_aspect_ratio", param=what)
+# the loaders' defect names -> the API's error codes
+_CODES = {"bad_header": "invalid_image", "extreme_aspect_ratio": "image_aspect_ratio",
+          "image_too_large": "image_too_large"}
 
 
-def open_image(data: bytes, max_pixels: int, max_aspect: float, what: str) -> Image.Image:
+def check_bounds(width: int, height: int, max_pixels: int, what: str) -> None:
+    defect = size_defect(width, height, max_pixels)
+    if defect is not None:
+        kind, message = defect
+        raise ApiError(400, f"{what}: {kind.replace('_', ' ')}: {message}", code=_CODES.get(kind, "invalid_image"),
+                       param=what)
+
+
+def open_image(data: bytes, max_pixels: int, what: str) -> Image.Image:
     """Encoded bytes -> RGB image. The header is read first and its size checked; only then are pixels decoded."""
     try:
         with warnings.catch_warnings():
@@ -66,7 +67,7 @@ def open_image(data: bytes, max_pixels: int, max_aspect: float, what: str) -> Im
     if im.format not in FORMATS:
         raise ApiError(400, f"{what}: {im.format} images are not accepted; send JPEG, PNG or WebP",
                        code="invalid_image", param=what)
-    check_bounds(im.width, im.height, max_pixels, max_aspect, what)
+    check_bounds(im.width, im.height, max_pixels, what)
     try:
         im.load()
         return im.convert("RGB")

@@ -14,7 +14,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ..data.images import DEFAULT_MAX_IMAGE_PIXELS
+from ..data.images import DEFAULT_MAX_IMAGE_PIXELS, MAX_ASPECT_RATIO
 from .errors import ApiError
 
 
@@ -22,9 +22,8 @@ from .errors import ApiError
 class ServeLimits:
     max_body_bytes: int = 20 * 1024 * 1024  # a request's body; larger ones get 413 before they are parsed
     max_images: int = 16  # per request, every message and video frame counted
-    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # PIL's decompression-bomb threshold, as in data/images.py
-    # Qwen2-VL's image processor refuses ratios over 200 too; at 200:1 Otter's CLIP resize makes 224 x 44800.
-    max_aspect_ratio: float = 200.0
+    # per image, from its header (data/images.py's size rule; its long side / short side limit is fixed there)
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # PIL's decompression-bomb threshold; may only be lowered
     max_queue: int = 64  # requests waiting for the model; more get 503
 
 
