@@ -47,10 +47,6 @@ class RestrictedIndex(PreparedIndex):
         self._keep = np.zeros(len(base), dtype=bool)
         self._keep[rows] = True
 
-    def rows_digest(self) -> str:
-        """Which rows the view keeps: a short digest (fingerprints)."""
-        return hashlib.sha256(self.rows.tobytes()).hexdigest()[:16]
-
     def epoch_order(self, seed: int, epoch: int, rank: int = 0, world_size: int = 1) -> list[int]:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, {world_size})")

@@ -6,6 +6,7 @@
     deepspeed_setup.py  process environment, the DeepSpeed config, the engine
     optim.py            parameter groups (weight decay) and the LR schedule
     checkpoint.py       complete-or-absent checkpoints, resume, RNG state
+    validation.py       the validation pass: token-mean loss over a held-out set (data/split.py), every eval_every steps
     metrics.py          per-step console line, metrics.jsonl, TensorBoard, wandb; MFU
     export.py           the consolidated transformers export (ZeRO-3 gathered)
     plot.py             loss and throughput curves (`otterfast plot`)
