@@ -64,7 +64,10 @@ pub fn read_blobs(ix: &IndexData, images: &[u32], pool: &rayon::ThreadPool) -> B
             .filter_map(|imgs| {
                 let first = *imgs.first()?;
                 Some(match ix.source(first).kind {
-                    SourceKind::Json => read_json(ix, first, imgs),
+                    SourceKind::Json => read_ranges(ix, first, imgs, true),
+                    // A tar's base64 values sit inside JSON members (MMC4) and may hold escapes such as
+                    // "\/"; raw members are image bytes, never unescaped.
+                    SourceKind::Tar => read_ranges(ix, first, imgs, is_base64(ix, first)),
                     SourceKind::Parquet => read_parquet(ix, first, imgs),
                 })
             })
@@ -100,8 +103,14 @@ fn read_parquet(ix: &IndexData, first: u32, imgs: &[u32]) -> Vec<(u32, Result<Ve
     }
 }
 
-/// Images of one JSON file (that of `first`), each by its byte range.
-fn read_json(ix: &IndexData, first: u32, imgs: &[u32]) -> Vec<(u32, Result<Vec<u8>>)> {
+/// Images of one JSON file or tar shard (that of `first`), each by its byte range (one `pread` each);
+/// `unescape`: the bytes are a JSON string's content (escapes undone).
+fn read_ranges(
+    ix: &IndexData,
+    first: u32,
+    imgs: &[u32],
+    unescape: bool,
+) -> Vec<(u32, Result<Vec<u8>>)> {
     let path = ix.file(first);
     let err = |cause: String| Error::File {
         file: path.to_string(),
@@ -116,7 +125,7 @@ fn read_json(ix: &IndexData, first: u32, imgs: &[u32]) -> Vec<(u32, Result<Vec<u
     };
     imgs.iter()
         .map(|&img| {
-            // IndexData::check: JSON images have a byte range (>= 0)
+            // IndexData::check: JSON and tar images have a byte range (>= 0)
             let (off, len) = (
                 ix.img_off[img as usize] as u64,
                 ix.img_len[img as usize] as u64,
@@ -131,7 +140,7 @@ fn read_json(ix: &IndexData, first: u32, imgs: &[u32]) -> Vec<(u32, Result<Vec<u
             let mut buf = vec![0u8; len as usize];
             let read = f
                 .read_exact_at(&mut buf, off)
-                .map(|_| unescape_json(buf))
+                .map(|_| if unescape { unescape_json(buf) } else { buf })
                 .map_err(|e| err(e.to_string()));
             (img, read)
         })
@@ -196,6 +205,30 @@ mod tests {
             .to_string()
             .contains("beyond the file's 36"));
         assert!(blobs[&2].is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn tar_ranges_unescape_only_base64() {
+        let dir = std::env::temp_dir().join(format!("otterfast-blobs-tar-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("shard.tar");
+        std::fs::write(&path, b"raw\\/bytes|ab\\/cd").unwrap();
+        let mut ix = crate::index::tests::tiny();
+        ix.sources[0].kind = SourceKind::Tar;
+        ix.sources[0].files = vec![path.to_string_lossy().into_owned()];
+        ix.img_off = vec![0, 11, 0];
+        ix.img_len = vec![10, 6, 1];
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        ix.sources[0].encoding = Encoding::Raw;
+        let blobs = read_blobs(&ix, &[0], &pool);
+        assert_eq!(blobs[&0].as_deref().unwrap(), b"raw\\/bytes");
+        ix.sources[0].encoding = Encoding::Base64;
+        let blobs = read_blobs(&ix, &[1], &pool);
+        assert_eq!(blobs[&1].as_deref().unwrap(), b"ab/cd");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

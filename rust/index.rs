@@ -16,6 +16,9 @@ use crate::transform;
 pub enum SourceKind {
     Parquet,
     Json,
+    /// Webdataset tar shards (data/shards.py): each image is a byte range of the tar file (a whole member,
+    /// or the base64 value inside an MMC4 document's JSON member).
+    Tar,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,7 +27,7 @@ pub enum Encoding {
     Raw,
 }
 
-crate::option_from_str!(SourceKind, "image source kind", "parquet" => SourceKind::Parquet, "json" => SourceKind::Json);
+crate::option_from_str!(SourceKind, "image source kind", "parquet" => SourceKind::Parquet, "json" => SourceKind::Json, "tar" => SourceKind::Tar);
 
 crate::option_from_str!(Encoding, "image encoding", "base64" => Encoding::Base64, "raw" => Encoding::Raw);
 
@@ -241,7 +244,9 @@ impl IndexData {
             }
             let (what, a, b) = match source.kind {
                 SourceKind::Parquet => ("row group and row", self.img_rg[i], self.img_row[i]),
-                SourceKind::Json => ("byte range", self.img_off[i], self.img_len[i]),
+                SourceKind::Json | SourceKind::Tar => {
+                    ("byte range", self.img_off[i], self.img_len[i])
+                }
             };
             if a < 0 || b < 0 {
                 return Err(at(format!("{what} ({a}, {b}) out of range")));

@@ -51,8 +51,15 @@ def cmd_validate(a) -> int:
     opts = _opts(a)
     v = validate(a.data_yaml, opts)
     rep = v.report.as_dict()
-    print(f"{a.data_yaml}: {len(v.specs)} datasets, {v.n_records} records, {len(v.candidates)} valid samples, "
-          f"{len([r for r in v.image_rows if 'defect' not in r])} images checked")
+    if v.specs or not v.shard_specs:
+        print(f"{a.data_yaml}: {len(v.specs)} datasets, {v.n_records - v.shard_scan.documents} records, "
+              f"{len(v.candidates)} valid samples, {len([r for r in v.image_rows if 'defect' not in r])} images checked")
+    if v.shard_specs:
+        sc = v.shard_scan
+        print(f"{a.data_yaml}: shards: {len(v.shard_specs)} datasets, {sum(len(s.files) for s in v.shard_specs)} tar files, "
+              f"{sc.documents} samples read, {sc.valid} pass the checks and image filters (token filters run at "
+              f"prepare)" + ("; filtered: " + ", ".join(f"{k} {n}" for k, n in sorted(sc.filtered.items()))
+                             if sc.filtered else ""))
     if rep["defects"]:
         print("defects (skipped): " + ", ".join(f"{k} {n}" for k, n in rep["defects"].items()))
         for e in rep["examples"]:
@@ -91,6 +98,8 @@ def print_summary(meta: dict, out: str) -> None:
         print("  defects skipped: " + ", ".join(f"{k} {n}" for k, n in rep["defects"].items()))
     if rep["truncation"]:
         print("  max_seq_len: " + ", ".join(f"{k} {n}" for k, n in rep["truncation"].items()))
+    if rep.get("filtered"):
+        print("  shard filters (Otter's rules): " + ", ".join(f"{k} {n}" for k, n in rep["filtered"].items()))
 
 
 def cmd_inspect(a) -> int:

@@ -4,7 +4,7 @@ meta.json's "inputs" (written by prepare):
     yaml          {path, sha256}         the dataset YAML
     instructions  [{path, sha256}, ...]  every instruction JSON and train-config JSON the YAML names
     tokenizer     [{path, sha256}, ...]  every file of the tokenizer folder prepare was given
-    images        [{path, size, mtime_ns}, ...]  every image table file (parquet part files, legacy JSON)
+    images        [{path, size, mtime_ns}, ...]  every image table file (parquet part files, legacy JSON, tar shards)
 
 The small text inputs are hashed (their content is the index). The image tables are too big to hash at every
 start (MIMIC-IT's are tens of GB), and the index points into them by position (file, row group, row, byte
@@ -59,10 +59,10 @@ def _tokenizer_files(folder: str) -> list[str]:
 def of_inputs(yaml_path: str, tokenizer_dir: str) -> dict:
     """The fingerprint of everything `prepare(yaml_path, tokenizer_dir, ...)` reads. A file that is missing is
     recorded as missing (prepare reports it in its own words)."""
-    from .mimicit import load_data_yaml
+    from .mimicit import load_data_yaml_all
     from .sources import open_image_source
 
-    specs = load_data_yaml(yaml_path)
+    specs, shard_specs = load_data_yaml_all(yaml_path)
     instr = sorted({s.mimicit_path for s in specs} | {s.train_config_path for s in specs if s.train_config_path})
     image_files: list[str] = []
     for path in dict.fromkeys(s.images_path for s in specs if s.images_path):  # YAML order, each table once
@@ -70,6 +70,7 @@ def of_inputs(yaml_path: str, tokenizer_dir: str) -> dict:
             image_files += open_image_source(path).files
         except DataError:  # unreadable or missing: prepare says so itself
             image_files.append(path)
+    image_files += [f for s in shard_specs for f in s.files]  # tar shards: read by byte range, like the tables
     return {
         "yaml": _hashed(yaml_path),
         "instructions": [_hashed(p) for p in instr],

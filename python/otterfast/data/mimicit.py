@@ -55,7 +55,16 @@ def _resolve(base: str, p: str) -> str:
 
 
 def load_data_yaml(path: str) -> list[DatasetSpec]:
-    """Read a dataset YAML. Structural errors raise DataError naming the file and the key."""
+    """The MIMIC-IT datasets of a dataset YAML (its MMC4 / LAION shard groups checked too: `load_data_yaml_all`).
+    Structural errors raise DataError naming the file and the key."""
+    return load_data_yaml_all(path)[0]
+
+
+def load_data_yaml_all(path: str):
+    """Read a dataset YAML: (MIMIC-IT DatasetSpecs, pretraining shards.ShardSpecs). Structural errors raise
+    DataError naming the file and the key."""
+    from .shards import SHARD_GROUPS, parse_shard_group
+
     path = os.path.abspath(path)
     try:
         with open(path, encoding="utf-8") as f:
@@ -65,12 +74,16 @@ def load_data_yaml(path: str) -> list[DatasetSpec]:
     except yaml.YAMLError as e:
         raise DataError(f"{path}: malformed YAML: {e}") from None
     if not isinstance(doc, dict) or not doc:
-        raise DataError(f"{path}: expected a mapping of groups ({', '.join(GROUPS)}) at the top level")
+        raise DataError(f"{path}: expected a mapping of groups ({', '.join(GROUPS + SHARD_GROUPS)}) at the top level")
     base = os.path.dirname(path)
     specs: list[DatasetSpec] = []
+    shard_specs = []
     for group, datasets in doc.items():
+        if group in SHARD_GROUPS:
+            shard_specs += parse_shard_group(path, base, group, datasets)
+            continue
         if group not in GROUPS:
-            raise DataError(f"{path}: unknown group {group!r}; valid groups: {', '.join(GROUPS)}")
+            raise DataError(f"{path}: unknown group {group!r}; valid groups: {', '.join(GROUPS + SHARD_GROUPS)}")
         if datasets is None:
             continue
         if not isinstance(datasets, dict):
@@ -109,9 +122,9 @@ def load_data_yaml(path: str) -> list[DatasetSpec]:
                 if p is not None and not os.path.exists(p):
                     raise DataError(f"{where}: `{key}` does not exist: {p}")
             specs.append(spec)
-    if not specs:
+    if not specs and not shard_specs:
         raise DataError(f"{path}: no datasets listed")
-    return specs
+    return specs, shard_specs
 
 
 def _load_json(path: str) -> object:

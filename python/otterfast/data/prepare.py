@@ -36,11 +36,12 @@ from . import fingerprint
 from . import images as imgs
 from . import prompts
 from .defects import DataError, DefectReport
+from . import shards
 from .mimicit import (
     IMAGE_GROUPS,
     DatasetSpec,
     Record,
-    load_data_yaml,
+    load_data_yaml_all,
     load_train_config,
     merge_group_instructions,
     resample_frames,
@@ -102,6 +103,8 @@ class Validated:
     candidates: list[Candidate]
     report: DefectReport
     n_records: int
+    shard_specs: list[shards.ShardSpec] = field(default_factory=list)
+    shard_scan: shards.ShardScan = field(default_factory=shards.ShardScan)  # samples built only with a tokenizer
 
 
 class _ImageCatalog:
@@ -138,10 +141,16 @@ class _ImageCatalog:
         return self.by_path[path]
 
 
-def validate(yaml_path: str, opts: PrepareOptions) -> Validated:
-    """Run every check; in raise mode, raise one DataError listing all defects found."""
+def validate(yaml_path: str, opts: PrepareOptions, tok=None, info=None) -> Validated:
+    """Run every check; in raise mode, raise one DataError listing all defects found.
+
+    Pretraining shards (MMC4 / LAION groups, data/shards.py) are read once here: without a tokenizer only their
+    checks and image filters run; with one (prepare) their samples are built too (`shard_scan`)."""
     report = DefectReport(on_error=opts.on_error)
-    specs = load_data_yaml(yaml_path)
+    specs, shard_specs = load_data_yaml_all(yaml_path)
+    if shard_specs and opts.format == "fuyu":
+        raise DataError(f"{yaml_path}: pretraining shards (MMC4, LAION) need an Otter format with <image> in the "
+                        f"text (simple, llama2, idefics), not fuyu")
     by_group: dict[str, list[DatasetSpec]] = defaultdict(list)
     for s in specs:
         by_group[s.group].append(s)
@@ -171,8 +180,15 @@ def validate(yaml_path: str, opts: PrepareOptions) -> Validated:
         for s in gspecs:
             candidates += _dataset_candidates(s, records, dup_ins, group_images, bad_images, opts, report)
     image_rows = _probe_referenced(candidates, images_by_group, catalog, opts, report)
+    scan = shards.ShardScan()
+    if shard_specs:
+        scan = shards.scan(shard_specs, report, opts, tok, info, source_base=len(catalog.sources),
+                           row_base=len(image_rows))
+        image_rows += scan.image_rows
+        n_records += scan.documents
     report.raise_if_needed()
-    return Validated(specs, catalog.sources, image_rows, candidates, report, n_records)
+    return Validated(specs, catalog.sources + scan.sources, image_rows, candidates, report, n_records,
+                     shard_specs, scan)
 
 
 def _dataset_candidates(
@@ -445,12 +461,13 @@ def prepare(yaml_path: str, tokenizer_dir: str, out_dir: str, opts: PrepareOptio
     tok, info = load_tokenizer(tokenizer_dir, opts.format)
     if opts.format == "fuyu" and (info.fuyu_placeholder_id is None or info.fuyu_newline_id is None):
         raise DataError(f"{tokenizer_dir}: fuyu format needs {prompts.FUYU_PLACEHOLDER} and {prompts.FUYU_NEWLINE}")
-    v = validate(yaml_path, opts)
+    v = validate(yaml_path, opts, tok, info)
     samples = []
     for c in v.candidates:
         s = build_sample(c, tok, info, v.image_rows, opts, v.report)
         if s is not None:
             samples.append(s)
+    samples += v.shard_scan.samples
     # Keep only images that surviving samples use, renumbered.
     used = sorted({ri for s in samples for m in s["media_images"] for ri in m})
     remap = {old: new for new, old in enumerate(used)}
@@ -500,6 +517,12 @@ def prepare(yaml_path: str, tokenizer_dir: str, out_dir: str, opts: PrepareOptio
             {"name": s.name, "group": s.group, "num_samples": s.num_samples,
              "prepared_samples": per_dataset[(s.group, s.name)]}
             for s in v.specs
+        ] + [
+            # per epoch: weight x (num_samples, or every prepared sample), drawn afresh by the index each epoch
+            {"name": s.name, "group": s.group, "num_samples": s.epoch_samples(per_dataset[(s.group, s.name)]),
+             "yaml_num_samples": s.num_samples, "weight": s.weight, "shards": s.files,
+             "prepared_samples": per_dataset[(s.group, s.name)]}
+            for s in v.shard_specs
         ],
         "counts": {
             "records": v.n_records,
@@ -508,7 +531,7 @@ def prepare(yaml_path: str, tokenizer_dir: str, out_dir: str, opts: PrepareOptio
             "tokens": n_tokens,
             "label_tokens": n_labels,
         },
-        "report": v.report.as_dict(),
+        "report": {**v.report.as_dict(), "filtered": dict(sorted(v.shard_scan.filtered.items()))},
         "seconds": round(time.perf_counter() - t0, 3),
     }
     with open(meta_path + ".tmp", "w") as f:

@@ -31,14 +31,14 @@ class ImageRef:
     file: int  # index into ImageSource.files
     row_group: int = -1  # parquet only
     row: int = -1  # row within the row group (parquet only)
-    byte_offset: int = -1  # JSON only: offset of the base64 text
-    byte_length: int = -1  # JSON only: its length
+    byte_offset: int = -1  # JSON and tar only: offset of the stored value (base64 text or raw bytes)
+    byte_length: int = -1  # JSON and tar only: its length
 
 
 @dataclass
 class ImageSource:
     path: str  # as named in the YAML (file or directory)
-    kind: str  # "parquet" | "json"
+    kind: str  # "parquet" | "json" | "tar" (webdataset shards, data/shards.py: images by byte range)
     files: list[str]
     encoding: str  # "base64" | "raw"
     id_column: str | None = None
@@ -191,6 +191,19 @@ def read_json_blobs(src: ImageSource, refs: list[ImageRef]) -> list[bytes]:
     return out
 
 
+def read_tar_blob(src: ImageSource, ref: ImageRef) -> bytes:
+    """An image's stored value in a tar shard: its byte range. Base64 ranges are JSON string contents (an MMC4
+    document's `image_base64`), so their escapes are undone; raw ranges are image bytes, returned as they are."""
+    path = src.files[ref.file]
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if ref.byte_offset + ref.byte_length > size:
+            raise ValueError(f"{path}: bytes {ref.byte_offset}+{ref.byte_length} beyond the file's {size}")
+        f.seek(ref.byte_offset)
+        raw = f.read(ref.byte_length)
+    return _json_value(raw, True) if src.encoding == "base64" else raw
+
+
 # Read column chunks through a buffered stream: without it pyarrow reads a whole column chunk at once, and
 # pandas' to_parquet writes one row group per file for typical MIMIC-IT sizes (so: the whole image column).
 PARQUET_BUFFER = 4 << 20
@@ -217,6 +230,8 @@ class BlobReader:
         src = self.sources[source]
         if src.kind == "json":
             return read_json_blobs(src, [ref])[0]
+        if src.kind == "tar":
+            return read_tar_blob(src, ref)
         key = (source, ref.file, ref.row_group)
         if self._cached_key != key:
             fk = (source, ref.file)
