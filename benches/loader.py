@@ -2,6 +2,7 @@
 
     otterfast bench loader --generate 2000 --scales 1,4          # generated real-photo sets, Otter's file layout
     otterfast bench loader --data DATA.yaml                      # an existing dataset
+    otterfast bench loader --shards 2000,500                     # generated webdataset shards: pairs, documents
 
 Backends, each in its own process pinned to the same cores (1 core, then all cores):
 - otter_style: Otter's path (data/otter_style.py): the image tables read whole into pandas before the fork, a torch
@@ -15,6 +16,9 @@ after `otterfast data repack` (its one-time cost reported). Measured per backend
 images/s, decoded source MP/s, non-pad tokens/s, padding; peak RSS (with workers: the main process plus each
 worker's peak, fork-shared pages counted in each); construction to first batch. Rounds interleaved (order rotates),
 medians reported. The decode floor: the same images decoded on one core, by PIL and by the native decoder.
+With `--shards PAIRS,DOCS`: generated webdataset tar shards (LAION-style pairs and MMC4-style documents of the
+same photos), each kind its own dataset; backends otter_wds (Otter's webdataset pipeline, data/otter_wds.py: tar
+streaming, PIL decode, CLIP processor, Otter's padding, DataLoader workers = cores) and native (the shard index).
 Writes OUT.json and a markdown table beside it.
 """
 
@@ -90,6 +94,56 @@ def generate(out: str, n: int, seed: int = 0, layout: str = "otter") -> str:
     return os.path.join(out, "data.yaml")
 
 
+def generate_shards(out: str, n_pairs: int, n_docs: int, seed: int = 0, n_shards: int = 4) -> dict[str, str]:
+    """Webdataset shards of real-photo crops (long side 256-1600 px, 90% JPEG, 10% PNG): `pairs/` (caption + image,
+    one in ten stored as base64 text in a .png member) and `docs/` (MMC4 documents, 2-5 images each, matched_sim in
+    [0.3, 0.5] so some fall under 0.32), a tokenizer, and one YAML per kind. Returns {kind: yaml}."""
+    from PIL import Image
+
+    from otterfast.data.demo import DemoBuilder, build_demo_tokenizer
+    from otterfast.data.shard_writer import mmc4_member, pair_members, write_tar
+
+    b = DemoBuilder(out, seed=seed)
+    rng = np.random.default_rng(seed)
+
+    def photo():
+        c = b.crop()
+        long_side = int(rng.integers(256, 1601))
+        w, h = c.image.size
+        sc = long_side / max(w, h)
+        img = c.image.resize((max(1, int(w * sc)), max(1, int(h * sc))), Image.BICUBIC)
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=int(rng.integers(85, 96))) if rng.random() < 0.9 else img.save(buf, "PNG")
+        return c, buf.getvalue()
+
+    texts, pairs, docs = [], [[] for _ in range(n_shards)], [[] for _ in range(n_shards)]
+    for i in range(n_pairs):
+        c, data = photo()
+        caption = f"A photo of {c.desc}, the {c.part} part."
+        texts.append(caption)
+        pairs[i % n_shards] += pair_members(f"p{i:07d}", caption, data, ext="png" if i % 10 == 0 else "jpg",
+                                            as_base64=i % 10 == 0)
+    for i in range(n_docs):
+        sentences, images = [], []
+        for _ in range(int(rng.integers(2, 6))):
+            c, data = photo()
+            images.append((data, len(sentences), float(rng.uniform(0.3, 0.5))))
+            sentences += [f"This is part of a photo of {c.desc}.", f"It shows the {c.part} part of it."]
+        texts += sentences
+        docs[i % n_shards].append(mmc4_member(f"d{i:07d}", sentences, images))
+    last = f"{n_shards - 1:05d}"
+    out_yaml = {}
+    for kind, group, members in (("pairs", "LAION", pairs), ("docs", "MMC4", docs)):
+        for k in range(n_shards):
+            write_tar(os.path.join(out, kind, f"{k:05d}.tar"), members[k])
+        y = os.path.join(out, f"{kind}.yaml")
+        with open(y, "w") as f:
+            f.write(f'{group}:\n  BENCH_{kind}: {{shards: "{kind}/{{00000..{last}}}.tar"}}\n')
+        out_yaml[kind] = y
+    build_demo_tokenizer(texts, os.path.join(out, "tokenizer"), vocab_size=1024)
+    return out_yaml
+
+
 # ---- one backend, in its own process ------------------------------------------------------------------
 
 def worker(a) -> dict:
@@ -113,6 +167,14 @@ def worker(a) -> dict:
         from otterfast.data.otter_style import otter_dataloader
 
         loader = otter_dataloader(idx, workers=a.threads, batch_size=a.batch_size, epochs=20)
+    elif a.worker == "otter_wds":
+        from otterfast.data.otter_wds import otter_wds_dataloader
+
+        files = [f for src in idx.sources for f in src.files]
+        files = list(dict.fromkeys(files))  # raw and base64 sources list the same tars
+        kind = idx.meta["datasets"][0]["group"]
+        loader = otter_wds_dataloader(files, kind, os.path.join(a.index, "tokenizer"), workers=a.threads,
+                                      batch_size=a.batch_size)
     else:
         loader = NativeLoader(idx, batch_size=a.rows, pack=True, capacity=a.capacity, num_threads=a.threads)
     samples = images = mp = tokens = slots = 0
@@ -120,22 +182,27 @@ def worker(a) -> dict:
     done = False
     while not done:
         for batch in loader:
-            rows = np.asarray(batch["sample_index"])
+            rows = np.asarray(batch.get("sample_index", []))
             mask = np.asarray(batch["attention_mask"])
             if first is None:
                 t_first = time.perf_counter()
                 first = t_first - t0
                 continue
-            samples += len(rows)
-            images += int(n_img_of[rows].sum())
-            mp += float(mp_of[rows].sum())
+            if "n_samples" in batch:  # otter_wds: its own samples (not index rows), counted by the pipeline
+                samples += int(batch["n_samples"])
+                images += int(batch["n_images"])
+                mp += float(batch["mp"])
+            else:
+                samples += len(rows)
+                images += int(n_img_of[rows].sum())
+                mp += float(mp_of[rows].sum())
             tokens += int(mask.sum())
             slots += int(mask.size)
             if samples >= a.samples:
                 done = True
                 break
     dt = time.perf_counter() - t_first
-    return {"backend": a.worker, ("workers" if a.worker == "otter_style" else "threads"): a.threads,
+    return {"backend": a.worker, ("workers" if a.worker.startswith("otter") else "threads"): a.threads,
             "cores": a.threads, "samples_per_s": samples / dt, "images_per_s": images / dt, "mp_per_s": mp / dt,
             "tokens_per_s": tokens / dt, "padding_fraction": 1 - tokens / slots if slots else 0.0,
             "peak_rss_mb": hwm_mb() + children_hwm_mb(), "first_batch_s": first, "samples_measured": samples}
@@ -238,7 +305,7 @@ def markdown(report: dict) -> str:
                   "| index | backend | cores | samples/s | vs otter_style, same cores | MP/s | tokens/s | padding | "
                   "peak RSS MB | first batch s |", "|---|---|---|---|---|---|---|---|---|---|"]
         base = {r["cores"]: r["samples_per_s"] for case in d["cases"] for r in case["results"]
-                if r["backend"] == "otter_style"}
+                if r["backend"] in ("otter_style", "otter_wds")}
         for case in d["cases"]:
             for r in case["results"]:
                 ratio = f"{r['samples_per_s'] / base[r['cores']]:.2f}x" if r["cores"] in base else "-"
@@ -264,6 +331,8 @@ def main(argv=None) -> int:
     ap.add_argument("--scales", default="1", help="with --generate: comma-separated multiples of Otter's layout, e.g. 1,4 "
                     "(scales above 1 run all cores only: they are there for memory)")
     ap.add_argument("--layouts", default="otter,small", help="with --generate: otter (pandas defaults), small")
+    ap.add_argument("--shards", help="PAIRS,DOCS: generate webdataset shards of that many LAION-style pairs and "
+                    "MMC4-style documents and compare with Otter's webdataset pipeline")
     ap.add_argument("--cores", default=None, help="comma-separated core counts (default: 1 and all)")
     ap.add_argument("--json", default="benches/results/loader.json")
     ap.add_argument("--samples", type=int, default=600, help="samples measured per run (after the first batch)")
@@ -278,8 +347,8 @@ def main(argv=None) -> int:
     if a.worker:
         print(json.dumps(worker(a)))
         return 0
-    if not a.data and not a.generate:
-        ap.error("give --data DATA.yaml or --generate N")
+    if not a.data and not a.generate and not a.shards:
+        ap.error("give --data DATA.yaml, --generate N or --shards PAIRS,DOCS")
     from otterfast.data.prepare import PrepareOptions, prepare
 
     all_cores = len(os.sched_getaffinity(0))
@@ -299,11 +368,21 @@ def main(argv=None) -> int:
                 y = generate(d, a.generate * s, layout=layout)
                 print(f"generated {a.generate * s} images ({layout} layout) in {time.perf_counter() - t:.1f}s", flush=True)
                 todo.append((f"{layout} layout x{s}", y, os.path.join(d, "tokenizer"), layout, s))
+        if a.shards:
+            n_pairs, n_docs = (int(x) for x in a.shards.split(","))
+            d = os.path.join(tmp, "gen-shards")
+            t = time.perf_counter()
+            ys = generate_shards(d, n_pairs, n_docs)
+            print(f"generated {n_pairs} pairs and {n_docs} documents as shards in {time.perf_counter() - t:.1f}s",
+                  flush=True)
+            todo += [(f"LAION pairs ({n_pairs})", ys["pairs"], os.path.join(d, "tokenizer"), "shards", 1),
+                     (f"MMC4 documents ({n_docs})", ys["docs"], os.path.join(d, "tokenizer"), "shards", 1)]
         for label, y, tok, layout, scale in todo:
             out = os.path.join(tmp, "idx-" + label.replace(" ", "_"))
             prepare(y, tok, out, opts)
             on = cores if scale == 1 else [max(cores)]
-            cases = [("as prepared", out, [("otter_style", c) for c in on] + [("native", c) for c in on])]
+            base = "otter_wds" if layout == "shards" else "otter_style"
+            cases = [("as prepared", out, [(base, c) for c in on] + [("native", c) for c in on])]
             entry = {"label": label, "table_mib": _table_mib(out), "decode_floor": decode_floor(out)}
             if layout == "otter":
                 rp = out + "-repacked"
@@ -315,7 +394,7 @@ def main(argv=None) -> int:
             idx = PreparedIndex(out)
             entry.update(samples=len(idx), images=len(idx.images), cases=bench_cases(cases, a))
             report["datasets"].append(entry)
-            shutil.rmtree(os.path.dirname(y), ignore_errors=True) if a.generate else None
+            shutil.rmtree(os.path.dirname(y), ignore_errors=True) if a.generate and layout != "shards" else None
     md = markdown(report)
     md_path = write_report(a.json, report, md)
     print(md)

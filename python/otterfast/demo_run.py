@@ -4,7 +4,9 @@ builds the demo dataset this runs on).
 Build the demo dataset, prepare it in the `simple` and `fuyu` formats, print a summary, one rendered sample per
 group and a first batch of each loader, then train a tiny Otter and a tiny OtterHD on it
 (configs/train/demo-*.yaml, each `otterfast train` in its own process), plot their curves and ask each exported
-model about two demo photos.
+model about two demo photos. Last, a short pretraining run: webdataset shards in Otter's MMC4 and LAION layouts
+written from the demo photos, and `otterfast train configs/train/demo-pretrain.yaml` on them with a validation
+curve.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ def register(sub) -> None:
     d.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--max-seq-len", type=int, default=2048)
-    d.add_argument("--train", default="both", choices=["both", "otter", "otterhd", "none"],
-                   help="which tiny model(s) to train after the data steps (default both: Otter, then OtterHD)")
+    d.add_argument("--train", default="all", choices=["all", "both", "otter", "otterhd", "pretrain", "none"],
+                   help="what to train after the data steps (default all: Otter, OtterHD, then the short Otter "
+                        "pretraining on shards; both: Otter and OtterHD)")
     d.set_defaults(func=run)
 
 
@@ -35,7 +38,10 @@ def run(a) -> int:
     print(f"[demo] dataset: {counts} ({time.perf_counter() - t0:.1f}s) -> {out}/data")
     for fmt in ("simple", "fuyu"):
         _prepare_and_load(a, out, fmt)
-    return _train(a, out)
+    rc = _train(a, out)
+    if rc == 0 and a.train in ("all", "pretrain"):
+        rc = _pretrain(a, out)
+    return rc
 
 
 def _prepare_and_load(a, out: str, fmt: str) -> None:
@@ -91,7 +97,8 @@ def _train(a, out: str) -> int:
     from .source_tree import ROOT
     from .train.plot import plot, read_metrics
 
-    models = ["otter", "otterhd"] if a.train == "both" else ([] if a.train == "none" else [a.train])
+    models = ["otter", "otterhd"] if a.train in ("both", "all") else ([] if a.train in ("none", "pretrain")
+                                                                      else [a.train])
     fmt = {"otter": "simple", "otterhd": "fuyu"}
     for m in models:
         cfg = ROOT / "configs" / "train" / f"demo-{m}.yaml"
@@ -124,6 +131,50 @@ def _train(a, out: str) -> int:
         print(f"[demo] chat with the {'Otter' if m == 'otter' else 'OtterHD'}: otterfast serve "
               f"{os.path.join(out, f'train-{m}', 'export')} --port 8000   (then open http://127.0.0.1:8000/)",
               flush=True)
+    return 0
+
+
+def _pretrain(a, out: str) -> int:
+    """Pretraining shards from the demo photos, then `otterfast train configs/train/demo-pretrain.yaml` on them (its
+    own process): falling training loss and a validation curve (10% of the samples held out)."""
+    import shutil
+    import subprocess
+
+    from .data.demo import build_pretrain_shards
+    from .source_tree import ROOT
+    from .train.plot import plot, read_metrics
+
+    t0 = time.perf_counter()
+    shard_dir = os.path.join(out, "pretrain")
+    shutil.rmtree(shard_dir, ignore_errors=True)
+    data_yaml = build_pretrain_shards(shard_dir, seed=a.seed)
+    print(f"[demo] pretraining shards (MMC4 documents, LAION pairs) from the demo photos: {shard_dir} "
+          f"({time.perf_counter() - t0:.1f}s)", flush=True)
+    cfg = ROOT / "configs" / "train" / "demo-pretrain.yaml"
+    if not cfg.exists():
+        raise SystemExit(f"otterfast demo: {cfg} not found: the demo trains from a source checkout")
+    run_dir, idx_dir = os.path.join(out, "train-pretrain"), os.path.join(out, "index-pretrain")
+    shutil.rmtree(run_dir, ignore_errors=True)
+    shutil.rmtree(idx_dir, ignore_errors=True)  # prepared again from the shards just written
+    sets = [f"output_dir={run_dir}", f"data.yaml={data_yaml}", f"data.index={idx_dir}",
+            f"data.tokenizer={os.path.join(out, 'data', 'tokenizer')}",
+            f"model.config={ROOT / 'configs' / 'models' / 'otter-tiny.yaml'}", f"seed={a.seed}"]
+    print(f"[demo] pretraining a tiny Otter on the shards: otterfast train {cfg.relative_to(ROOT)} "
+          f"--set data.yaml={data_yaml}", flush=True)
+    t0 = time.perf_counter()
+    cmd = [sys.executable, "-m", "otterfast.cli", "train", str(cfg)] + [y for x in sets for y in ("--set", x)]
+    rc = subprocess.run(cmd).returncode
+    if rc:
+        print(f"[demo] pretraining failed (exit {rc})", file=sys.stderr)
+        return rc
+    rows = read_metrics(run_dir)
+    k = max(1, min(5, len(rows) // 4))
+    first = sum(r["loss"] for r in rows[:k]) / k
+    last = sum(r["loss"] for r in rows[-k:]) / k
+    val = [f"{r['val_loss']:.2f}" for r in rows if r.get("val_loss") is not None]
+    print(f"[demo] pretrain: {len(rows)} steps in {time.perf_counter() - t0:.0f}s, loss {first:.2f} -> {last:.2f} "
+          f"(mean of the first / last {k} steps), validation loss {' -> '.join(val)}; curves {plot(run_dir)}",
+          flush=True)
     return 0
 
 

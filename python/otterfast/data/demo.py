@@ -356,3 +356,58 @@ def build_demo_tokenizer(texts: list[str], out_dir: str, vocab_size: int = 2048)
 
 def build_demo(out: str, seed: int = 0, scale: float = 1.0) -> dict:
     return DemoBuilder(out, seed, scale).build()
+
+
+# ---- pretraining shards (Otter's MMC4 / LAION layouts) -----------------------------------------------------
+
+def _shard_image(img: Image.Image, rng: np.random.Generator) -> bytes:
+    """A JPEG, or a PNG when the JPEG is 10 KB or less (Otter drops MMC4 images that small)."""
+    b = _encode(img, rng)
+    if len(b) // 1000 <= 10:
+        buf = io.BytesIO()
+        img.convert("RGB").save(buf, "PNG")
+        b = buf.getvalue()
+    return b
+
+
+def build_pretrain_shards(out: str, seed: int = 0, n_docs: int = 32, n_pairs: int = 96, n_shards: int = 2) -> str:
+    """Webdataset shards from the demo photos, in Otter's pretraining layouts, and their dataset YAML:
+    `docs/0000{0,1}.tar` (MMC4-style documents: 2-4 crops, each with sentences about it, matched_sim drawn so that
+    some fall under the 0.32 threshold) and `pairs/0000{0,1}.tar` (caption + image; every third image stored as
+    base64 text in a `.png` member, as Otter's converted shards do). Returns the YAML's path."""
+    from .shard_writer import mmc4_member, pair_members, write_tar
+
+    b = DemoBuilder(out, seed + 1000)
+    rng = b.rng
+    os.makedirs(out, exist_ok=True)
+    docs: list[list] = [[] for _ in range(n_shards)]
+    for i in range(n_docs):
+        sentences, images = [], []
+        for k in range(int(rng.integers(2, 5))):
+            c = b.crop()
+            col = colour_name(c.image)
+            images.append((_shard_image(c.image, rng), len(sentences), float(rng.uniform(0.28, 0.45))))
+            sentences += [f"This is part of a photo of {c.desc}.", f"The main colour is {col}.",
+                          f"It shows the {c.part} part of the photo of {c.photo}."]
+        docs[i % n_shards].append(mmc4_member(f"doc{i:05d}", sentences, images, url=f"demo://doc/{i}"))
+    pairs: list[list] = [[] for _ in range(n_shards)]
+    for i in range(n_pairs):
+        c = b.crop()
+        caption = f"A photo of {c.desc}, mostly {colour_name(c.image)}."
+        img = _shard_image(c.image, rng)
+        ext, as_b64 = ("png", True) if i % 3 == 0 else ("jpg", False)
+        pairs[i % n_shards] += pair_members(f"pair{i:05d}", caption, img, ext=ext, as_base64=as_b64)
+    for s in range(n_shards):
+        write_tar(os.path.join(out, "docs", f"{s:05d}.tar"), docs[s])
+        write_tar(os.path.join(out, "pairs", f"{s:05d}.tar"), pairs[s])
+    last = f"{n_shards - 1:05d}"
+    y = f"""# otterfast demo pretraining data: webdataset shards in Otter's MMC4 and LAION layouts (docs/data.md)
+MMC4:
+  demo_docs: {{shards: "docs/{{00000..{last}}}.tar", sim_threshold: 0.32, weight: 1.0}}
+LAION:
+  demo_pairs: {{shards: "pairs/{{00000..{last}}}.tar", weight: 0.5}}
+"""
+    path = os.path.join(out, "pretrain.yaml")
+    with open(path, "w") as f:
+        f.write(y)
+    return path
