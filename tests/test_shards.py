@@ -351,3 +351,63 @@ def test_bench_loader_on_shards(tmp_path):
         assert res["otter_wds"]["workers"] == 1 and res["native"]["threads"] == 1
         for x in res.values():
             assert x["samples_per_s"] > 0 and x["mp_per_s"] > 0 and x["samples_measured"] >= 8
+
+
+def test_shards_next_to_mimicit_groups(tmp_path, demo_dir, demo_tok_dir):
+    """One YAML with MIMIC-IT groups and shard groups: one index, both kinds of samples, one native batch of both,
+    equal to the reference's; the shards are fingerprinted with the image tables."""
+    with open(os.path.join(demo_dir, "data.yaml")) as f:
+        doc = yaml.safe_load(f)
+    doc = {"IMAGE_TEXT": {"DEMO_IMG": {**doc["IMAGE_TEXT"]["DEMO_IMG"],
+                                       "mimicit_path": os.path.join(demo_dir, "DEMO_IMG_instructions.json"),
+                                       "images_path": os.path.join(demo_dir, "DEMO_IMG.parquet")}}}
+    write_tar(str(tmp_path / "p.tar"), pair_members("a", "A cat.", BIG[0]) + pair_members("b", "A dog.", BIG[1]))
+    doc["LAION"] = {"pairs": {"shards": "p.tar"}}
+    ix, meta = prep(str(tmp_path), demo_tok_dir, doc)
+    groups = [ix.sample(i).group for i in range(len(ix))]
+    assert groups.count("LAION") == 2 and groups.count("IMAGE_TEXT") > 10
+    assert str(tmp_path / "p.tar") in [e["path"] for e in meta["inputs"]["images"]]
+    rows = [[groups.index("LAION"), groups.index("IMAGE_TEXT")]]
+    a = NativeLoader(ix, pack=True, capacity=2048).collate_rows(rows)
+    b = ReferenceLoader(ix, pack=True, capacity=2048).collate_rows(rows)
+    assert a["group"] == ["LAION", "IMAGE_TEXT"] and np.array_equal(a["labels"], b["labels"])
+    assert a["pixel_values"].shape == b["pixel_values"].shape == (2, 3, 224, 224)
+
+
+def test_token_loss_weights_follow_segments():
+    batch = {"segment_ids": np.array([[0, 0, 1, 1, 1, -1], [0, 0, 0, 0, 0, 0], [-1, -1, -1, -1, -1, -1]]),
+             "sample_index": np.array([4, 0, 2])}
+    w = np.array([10.0, 11.0, 12.0, 13.0, 14.0], np.float32)
+    assert shards.token_loss_weights(batch, w).tolist() == [[14, 14, 10, 10, 10, 0], [12] * 6, [0] * 6]
+
+
+def test_loss_weight_defaults_and_weighted_batch_loss(mixed):
+    """LAION's tokens count 0.2 by default (Otter's multiplier): the weighted loss of a batch equals the unweighted
+    sums of each source's tokens (computed by masking the other source's labels) combined with 1.0 and 0.2."""
+    import torch
+
+    from otterfast.data.loader import as_torch
+    from otterfast.models.build import batch_loss, build_model, load_model_config
+
+    ix = PreparedIndex(mixed)
+    assert {d["group"]: d["loss_weight"] for d in ix.meta["datasets"]} == {"MMC4": 1.0, "LAION": 0.2}
+    sw = shards.sample_loss_weights(ix)
+    torch.manual_seed(0)
+    model = build_model(load_model_config(os.path.join(os.path.dirname(__file__), "..", "configs", "models",
+                                                       "otter-tiny.yaml")), ix.tok).eval()
+    b = next(b for b in NativeLoader(ix, batch_size=2, pack=True, capacity=512, seed=0)
+             if set(b["group"]) == {"MMC4", "LAION"})
+    w = shards.token_loss_weights(b, sw)
+    assert set(np.unique(w).tolist()) == {0.0, np.float32(0.2), 1.0}
+
+    def loss_of(batch, keep=None):
+        batch = dict(batch)
+        if keep is not None:  # labels of the other source's tokens set to -100
+            batch["labels"] = np.where(np.isclose(w, keep), batch["labels"], -100)
+        with torch.no_grad():
+            return batch_loss(model, as_torch(batch))
+
+    (weighted, n), (plain, n2) = loss_of({**b, "loss_weight": w}), loss_of(b)
+    (docs, _), (pairs, _) = loss_of(b, keep=1.0), loss_of(b, keep=np.float32(0.2))
+    assert n == n2 and float(plain) == pytest.approx(float(docs) + float(pairs), rel=1e-5)
+    assert float(weighted) == pytest.approx(float(docs) + 0.2 * float(pairs), rel=1e-5)

@@ -405,7 +405,7 @@ def build_pretrain_shards(out: str, seed: int = 0, n_docs: int = 32, n_pairs: in
 MMC4:
   demo_docs: {{shards: "docs/{{00000..{last}}}.tar", sim_threshold: 0.32, weight: 1.0}}
 LAION:
-  demo_pairs: {{shards: "pairs/{{00000..{last}}}.tar", weight: 0.5}}
+  demo_pairs: {{shards: "pairs/{{00000..{last}}}.tar", weight: 0.5, loss_weight: 0.2}}
 """
     path = os.path.join(out, "pretrain.yaml")
     with open(path, "w") as f:

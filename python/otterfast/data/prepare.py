@@ -520,7 +520,7 @@ def prepare(yaml_path: str, tokenizer_dir: str, out_dir: str, opts: PrepareOptio
         ] + [
             # per epoch: weight x (num_samples, or every prepared sample), drawn afresh by the index each epoch
             {"name": s.name, "group": s.group, "num_samples": s.epoch_samples(per_dataset[(s.group, s.name)]),
-             "yaml_num_samples": s.num_samples, "weight": s.weight, "shards": s.files,
+             "yaml_num_samples": s.num_samples, "weight": s.weight, "loss_weight": s.loss_weight, "shards": s.files,
              "prepared_samples": per_dataset[(s.group, s.name)]}
             for s in v.shard_specs
         ],

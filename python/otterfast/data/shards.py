@@ -5,7 +5,11 @@ Declared in the dataset YAML next to the MIMIC-IT groups (docs/data.md, "Pretrai
     MMC4:
       my_docs: {shards: "docs/{00000..00003}.tar", sim_threshold: 0.32, weight: 1.0}
     LAION:
-      my_pairs: {shards: "pairs/{00000..00001}.tar", weight: 0.2}
+      my_pairs: {shards: "pairs/{00000..00001}.tar", weight: 0.5, loss_weight: 0.2}
+
+`weight` is a sampling rate (samples per epoch = weight x (num_samples or every prepared sample)); `loss_weight`
+(default Otter's multipliers: MMC4 1.0, LAION 0.2) multiplies each of the dataset's tokens' loss in training
+(`token_loss_weights`, models/build.py batch_loss).
 
 `data prepare` reads each shard once, as a stream (`tarfile` in stream mode: one member in memory at a time),
 groups members by key as webdataset does (consecutive members whose names share the part before the first dot
@@ -55,12 +59,13 @@ from .defects import DataError, DefectReport
 from .sources import ImageRef, ImageSource
 
 SHARD_GROUPS = ("MMC4", "LAION")
-COMMON_KEYS = ("shards", "weight", "num_samples", "max_tokens")
+COMMON_KEYS = ("shards", "weight", "loss_weight", "num_samples", "max_tokens")
 GROUP_KEYS = {
     "MMC4": COMMON_KEYS + ("sim_threshold", "max_images", "min_image_kb", "single_image_drop"),
     "LAION": COMMON_KEYS,
 }
 MAX_TOKENS = {"MMC4": 256, "LAION": 32}  # Otter's --max_tokens for each
+LOSS_WEIGHT = {"MMC4": 1.0, "LAION": 0.2}  # Otter's --loss_multiplier_mmc4 / --loss_multiplier_laion defaults
 PAIR_IMAGE_EXTS = ("jpg", "png", "jpeg")  # Otter's rename(image="jpg;png;jpeg"): the first one present
 
 
@@ -72,7 +77,8 @@ class ShardSpec:
     group: str
     pattern: str
     files: list[str]
-    weight: float = 1.0
+    weight: float = 1.0  # sampling: samples per epoch = weight x (num_samples or every prepared sample)
+    loss_weight: float = 1.0  # the loss multiplier of this dataset's tokens (default: Otter's, LOSS_WEIGHT)
     num_samples: int = 0  # 0 or -1: every prepared sample per epoch, before `weight`
     max_tokens: int = 256
     sim_threshold: float = 0.32
@@ -151,11 +157,14 @@ def parse_shard_group(path: str, base: str, group: str, datasets) -> list[ShardS
         for f in files:
             if not os.path.isfile(f):
                 raise DataError(f"{where}: shard does not exist: {f}")
-        spec = ShardSpec(name=str(name), group=group, pattern=pattern, files=files, max_tokens=MAX_TOKENS[group])
+        spec = ShardSpec(name=str(name), group=group, pattern=pattern, files=files, max_tokens=MAX_TOKENS[group],
+                         loss_weight=LOSS_WEIGHT[group])
         if "weight" in fields:
             spec.weight = _number(where, "weight", fields["weight"], float, 0.0)
             if spec.weight == 0:
                 raise DataError(f"{where}: `weight` must be > 0 (leave the dataset out instead)")
+        if "loss_weight" in fields:
+            spec.loss_weight = _number(where, "loss_weight", fields["loss_weight"], float, 0.0)
         n = fields.get("num_samples", 0)
         spec.num_samples = _number(where, "num_samples", 0 if n is None else n, int, -1)
         if "max_tokens" in fields:
@@ -587,3 +596,28 @@ def scan(specs: list[ShardSpec], report: DefectReport, opts, tok=None, info=None
     if tok is not None and (info.media_id is None or info.eoc_id is None):
         raise DataError("pretraining shards need a prompt format with <image> in the text (simple, llama2, idefics)")
     return _Scanner(specs, report, opts, tok, info, source_base, row_base).run()
+
+
+# ---- loss weights ----------------------------------------------------------------------------------------------
+
+def sample_loss_weights(index) -> np.ndarray | None:
+    """Per index row, its dataset's `loss_weight` (meta.json datasets; MIMIC-IT datasets 1.0); None when every
+    weight is 1.0 (the trainer then adds nothing to its batches)."""
+    by_ds = {(d["group"], d["name"]): float(d.get("loss_weight", 1.0)) for d in index.meta["datasets"]}
+    if all(w == 1.0 for w in by_ds.values()):
+        return None
+    groups = index.samples.column("group").to_pylist()
+    names = index.samples.column("dataset").to_pylist()
+    return np.asarray([by_ds.get((g, n), 1.0) for g, n in zip(groups, names)], dtype=np.float32)
+
+
+def token_loss_weights(batch: dict, sample_weight: np.ndarray) -> np.ndarray:
+    """(B, T) float32: each token's weight = its sample's (`sample_weight[index row]`), 0 on pads. A batch's
+    samples are laid out row by row in `sample_index` order, the k-th of a row with segment id k (reference.py)."""
+    seg = np.asarray(batch["segment_ids"])
+    rows = np.asarray(batch["sample_index"])
+    per_row = seg.max(axis=1, initial=-1).astype(np.int64) + 1  # samples in each row
+    start = np.concatenate([[0], np.cumsum(per_row)[:-1]])  # each row's first sample in sample_index
+    w = sample_weight[rows] if len(rows) else np.zeros(0, np.float32)
+    pos = np.where(seg >= 0, start[:, None] + seg, 0)
+    return np.where(seg >= 0, w[pos] if len(w) else 0.0, 0.0).astype(np.float32)

@@ -157,7 +157,8 @@ def model_outputs(model, batch: dict):
 
 
 def batch_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
-    """(sum of next-token cross-entropy over labelled tokens, their count) of one packed batch.
+    """(sum of next-token cross-entropy over labelled tokens, their count) of one packed batch; with a
+    `loss_weight` (B, T) in the batch, each token's loss is multiplied by the weight of its (target) position.
 
     A sum, so that the trainer can divide by the number of labelled tokens of the whole optimizer step (over
     accumulation micro-steps and ranks) and every token weighs the same. The shift never crosses samples with
@@ -166,8 +167,14 @@ def batch_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
     logits = model_outputs(model, batch).logits
     labels = batch["labels"][:, 1:]
     n = int((labels != -100).sum())
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
-    return loss, n
+    if batch.get("loss_weight") is None:
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
+                               reduction="sum")
+        return loss, n
+    # per-token loss multipliers (a pretraining source's loss_weight, data/shards.py token_loss_weights)
+    per_token = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
+                                reduction="none")
+    return (per_token * batch["loss_weight"][:, 1:].flatten().float()).sum(), n
 
 
 def flops_per_token(model, seq_len: int) -> float:

@@ -71,7 +71,8 @@ class LossModel(torch.nn.Module):
         from ..models.build import batch_loss
 
         dtype = next(p.dtype for p in self.model.parameters() if p.is_floating_point())
-        batch = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}
+        batch = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() and k != "loss_weight" else v
+                 for k, v in batch.items()}  # loss multipliers stay fp32 (0.2 is not exact in bf16)
         loss_sum, _ = batch_loss(self.model, batch)
         return loss_sum
 
@@ -193,6 +194,7 @@ class DataPlan:
     warmup: int
     _lengths: dict = field(default_factory=dict)
     val: object = None  # validation.ValidationSet, when data.validation holds a set
+    loss_weights: object = None  # per index row, its dataset's loss_weight (data/shards.py); None: all 1.0
     split: object = None  # data/split.Split, when data.validation.fraction held it out of the index
 
     def epoch_len(self, epoch: int) -> int:
@@ -233,7 +235,9 @@ def setup_data(cfg, index, index_dir: str, rank: int, world: int, val_index=None
                   f"share an instruction id or an image id with the training data: they are not held out",
                   flush=True)
         val_view = RestrictedIndex(val_index, np.arange(len(val_index)), fixed=True)
-    plan = DataPlan(NativeLoader(index, lcfg), 0, 0, split=split)
+    from ..data.shards import sample_loss_weights
+
+    plan = DataPlan(NativeLoader(index, lcfg), 0, 0, split=split, loss_weights=sample_loss_weights(index))
     if val_view is not None:
         plan.val = ValidationSet(NativeLoader(val_view, validation_loader_config(lcfg)), rank, world, v.max_batches,
                                  source=val_view.path)
@@ -499,6 +503,11 @@ def _loop(run: Run, device, flops) -> dict:
             micro = [b for _, b in zip(range(cfg.grad_accum), batches)]  # range first: no batch taken beyond
             if len(micro) < cfg.grad_accum:  # the last epoch ended inside a step: dropped (the schedule did not count it)
                 break
+            if plan.loss_weights is not None:  # per-source loss multipliers (pretraining shards' loss_weight)
+                from ..data.shards import token_loss_weights
+
+                for b in micro:
+                    b["loss_weight"] = token_loss_weights(b, plan.loss_weights)
             nan_now = bool(fault_nan) and run.step + 1 == fault_nan and run.rank == 0
             r = train_step(engine, micro, device, run.world, nan_now)
             if not r.finite:
