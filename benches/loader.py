@@ -294,7 +294,11 @@ def markdown(report: dict) -> str:
              f"cores, pad-to-longest batches of {report['batch_size']}. Each run in its own process pinned to its "
              f"cores; medians of {report['rounds']} interleaved rounds; throughput after the first batch; first "
              "batch = construction to first batch; peak RSS includes torch's import and, for otter_style, every "
-             "worker's peak.", ""]
+             "worker's peak." + (" otter_wds (shard datasets): Otter's webdataset pipeline (data/otter_wds.py: tar "
+                                 "streaming, PIL decode, CLIP processor, LAION padded to the longest of 32 tokens, MMC4 "
+                                 "to 256 tokens and 5 images), `workers` = cores, batches of "
+                                 f"{report['batch_size']}; native on the prepared shard index."
+                                 if any("shards" in d.get("kind", "") for d in report["datasets"]) else ""), ""]
     for d in report["datasets"]:
         lines += [f"## {d['label']}: {d['samples']} samples, {d['images']} images, image table "
                   f"{d['table_mib']} MiB", "",
@@ -383,7 +387,7 @@ def main(argv=None) -> int:
             on = cores if scale == 1 else [max(cores)]
             base = "otter_wds" if layout == "shards" else "otter_style"
             cases = [("as prepared", out, [(base, c) for c in on] + [("native", c) for c in on])]
-            entry = {"label": label, "table_mib": _table_mib(out), "decode_floor": decode_floor(out)}
+            entry = {"label": label, "kind": layout, "table_mib": _table_mib(out), "decode_floor": decode_floor(out)}
             if layout == "otter":
                 rp = out + "-repacked"
                 shutil.copytree(out, rp)

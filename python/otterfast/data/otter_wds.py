@@ -6,8 +6,8 @@ dependency: its stages are plain tar streaming, written out here with the same w
   (`tarfile_to_samples`), a shuffle buffer of 1,000 samples (`wds.shuffle`, Otter's `_SAMPLE_SHUFFLE_SIZE` /
   initial 500 fill);
 - LAION: samples without caption or image dropped, `wds.decode("pilrgb")` (PIL open + RGB, on raw or base64
-  `.png` members as Otter's converted shards need), batches of `batch_size`, then the CLIP image processor per
-  image (shortest side to 224 bicubic, centre crop, CLIP stats) and the captions tokenized as
+  `.png` members as Otter's converted shards need), batches of `batch_size`, then Otter's random horizontal flip
+  (p 0.5) and the CLIP image processor per image (shortest side to 224 bicubic, centre crop, CLIP stats) and the captions tokenized as
   `<image>{caption}<|endofchunk|>{eos}`, max 32 tokens, padded to the longest;
 - MMC4: per document: JSON parsed, every image base64-decoded, the 10 KB and `matched_sim` filters, PIL decode,
   CLIP processor, at most 5 images, padded to 5 with zero images, the text built and tokenized to 256 tokens padded
@@ -84,7 +84,7 @@ class OtterWdsDataset(IterableDataset):
         for epoch in range(self.epochs):
             files = self.files[wid::nw] if len(self.files) >= nw else self.files  # split_by_worker
             for members in self._shuffled(self._samples(files), rng):
-                s = self._laion(members) if self.kind == "LAION" else self._mmc4(members, tok, rng)
+                s = self._laion(members, rng) if self.kind == "LAION" else self._mmc4(members, tok, rng)
                 if s is None:
                     continue
                 batch.append(s)
@@ -92,11 +92,13 @@ class OtterWdsDataset(IterableDataset):
                     yield self._collate(batch, tok)
                     batch = []
 
-    def _laion(self, m):
+    def _laion(self, m, rng):
         ext = next((e for e in ("jpg", "png", "jpeg") if e in m), None)
         if ext is None or "txt" not in m:
             return None
         img = _decode_pil(m[ext].data)
+        if rng.random() < 0.5:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
         return {"text": m["txt"].data.decode("utf-8"), "images": [img]}
 
     def _mmc4(self, m, tok, rng):
