@@ -411,3 +411,27 @@ def test_loss_weight_defaults_and_weighted_batch_loss(mixed):
     (docs, _), (pairs, _) = loss_of(b, keep=1.0), loss_of(b, keep=np.float32(0.2))
     assert n == n2 and float(plain) == pytest.approx(float(docs) + float(pairs), rel=1e-5)
     assert float(weighted) == pytest.approx(float(docs) + 0.2 * float(pairs), rel=1e-5)
+
+
+def test_escaped_base64_in_mmc4_json_reads_back(tmp_path, demo_tok_dir):
+    """A JSON writer that escapes '/' as '\\/' (PHP, some Java): the located range holds the escapes; both loaders
+    undo them and decode the image written."""
+    from otterfast.data.demo import DemoBuilder, _shard_image
+
+    b = DemoBuilder(str(tmp_path), seed=3)
+    photos = [_shard_image(b.crop().image, b.rng) for _ in range(2)]
+    texts = [base64.b64encode(p).decode() for p in photos]
+    assert all("/" in t for t in texts)
+    doc = {"text_list": ["One.", "Two."],
+           "image_info": [{"image_base64": t, "matched_text_index": i, "matched_sim": 0.5} for i, t in enumerate(texts)]}
+    raw = json.dumps(doc).replace("/", "\\/").encode()
+    write_tar(str(tmp_path / "d.tar"), [("k.json", raw)])
+    ix, _ = prep(str(tmp_path), demo_tok_dir, {"MMC4": {"d": {"shards": "d.tar"}}})
+    (s,) = [ix.sample(i) for i in range(len(ix))]
+    ref = ReferenceLoader(ix)
+    for m, want in zip(s.media_images, photos):
+        assert base64.b64decode(ref.blobs.read(*ix.image_ref(m[0]))) == want
+    a = NativeLoader(ix, pack=False).collate_rows([[0]])
+    r = ref.collate_rows([[0]])
+    assert a["pixel_values"].shape == r["pixel_values"].shape == (2, 3, 224, 224)
+    assert float(np.abs(a["pixel_values"] - r["pixel_values"]).max()) <= OTTER_MAX_ABS
