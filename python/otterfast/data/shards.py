@@ -39,9 +39,7 @@ Changed on purpose:
 
 from __future__ import annotations
 
-import base64
 import binascii
-import io
 import json
 import os
 import random
