@@ -7,7 +7,7 @@
 
 use image::{DynamicImage, ImageFormat};
 
-use crate::error::{Error, Result};
+use crate::error::{catch_panic, Error, Result};
 use crate::header::{decode_base64, probe_bytes, sniff_format};
 use crate::limits;
 
@@ -35,9 +35,13 @@ pub fn decode_rgb(bytes: &[u8], max_pixels: u64) -> Result<Rgb> {
 
 fn decode_full(bytes: &[u8], fmt: ImageFormat) -> Result<Rgb> {
     // A decoder panic on hostile bytes must not cross into Python: catch it and report it as bad data.
-    let decoded = std::panic::catch_unwind(|| image::load_from_memory_with_format(bytes, fmt))
-        .map_err(|_| Error::BadPixels("decoder panicked on these bytes".into()))?
-        .map_err(|e| Error::BadPixels(format!("cannot decode {fmt:?}: {e}")))?;
+    let decoded = catch_panic(
+        || {
+            image::load_from_memory_with_format(bytes, fmt)
+                .map_err(|e| Error::BadPixels(format!("cannot decode {fmt:?}: {e}")))
+        },
+        |m| Error::BadPixels(format!("cannot decode {fmt:?}: the decoder panicked: {m}")),
+    )?;
     Ok(to_rgb_like_pil(decoded))
 }
 
@@ -57,39 +61,42 @@ pub fn decode_rgb_draft(bytes: &[u8], req_w: u32, req_h: u32, max_pixels: u64) -
     if fmt != ImageFormat::Jpeg {
         return decode_full(bytes, fmt);
     }
-    // libjpeg reports errors by unwinding through the mozjpeg crate; catch that as well as any panic.
-    let attempt = std::panic::catch_unwind(|| -> Result<Option<Rgb>> {
-        let err = |e: std::io::Error| Error::BadPixels(format!("cannot decode Jpeg: {e}"));
-        let mut d = mozjpeg::Decompress::new_mem(bytes).map_err(err)?;
-        let (w, h) = d.size();
-        let s = draft_scale(w as u32, h as u32, req_w, req_h);
-        let colour = matches!(
-            d.color_space(),
-            mozjpeg::ColorSpace::JCS_YCbCr
-                | mozjpeg::ColorSpace::JCS_RGB
-                | mozjpeg::ColorSpace::JCS_GRAYSCALE
-        );
-        if !colour {
-            return Ok(None); // CMYK/YCCK: the full decoder and PIL's conversion rules
-        }
-        d.scale((8 / s) as u8);
-        let mut started = d.rgb().map_err(err)?;
-        let (ow, oh) = (started.width(), started.height());
-        let px: Vec<[u8; 3]> = started.read_scanlines().map_err(err)?;
-        started.finish().map_err(err)?;
-        if px.len() != ow * oh {
-            return Err(Error::BadPixels(
-                "cannot decode Jpeg: truncated image data".into(),
-            ));
-        }
-        Ok(Some(Rgb {
-            width: ow as u32,
-            height: oh as u32,
-            data: px.into_iter().flatten().collect(),
-        }))
-    })
-    .map_err(|_| Error::BadPixels("cannot decode Jpeg: corrupt data".into()))?;
-    match attempt? {
+    // libjpeg reports errors by unwinding through the mozjpeg crate (its message as the payload); catch that
+    // as well as any panic.
+    let attempt = catch_panic(
+        || -> Result<Option<Rgb>> {
+            let err = |e: std::io::Error| Error::BadPixels(format!("cannot decode Jpeg: {e}"));
+            let mut d = mozjpeg::Decompress::new_mem(bytes).map_err(err)?;
+            let (w, h) = d.size();
+            let s = draft_scale(w as u32, h as u32, req_w, req_h);
+            let colour = matches!(
+                d.color_space(),
+                mozjpeg::ColorSpace::JCS_YCbCr
+                    | mozjpeg::ColorSpace::JCS_RGB
+                    | mozjpeg::ColorSpace::JCS_GRAYSCALE
+            );
+            if !colour {
+                return Ok(None); // CMYK/YCCK: the full decoder and PIL's conversion rules
+            }
+            d.scale((8 / s) as u8);
+            let mut started = d.rgb().map_err(err)?;
+            let (ow, oh) = (started.width(), started.height());
+            let px: Vec<[u8; 3]> = started.read_scanlines().map_err(err)?;
+            started.finish().map_err(err)?;
+            if px.len() != ow * oh {
+                return Err(Error::BadPixels(
+                    "cannot decode Jpeg: truncated image data".into(),
+                ));
+            }
+            Ok(Some(Rgb {
+                width: ow as u32,
+                height: oh as u32,
+                data: px.into_iter().flatten().collect(),
+            }))
+        },
+        |m| Error::BadPixels(format!("cannot decode Jpeg: {m}")),
+    )?;
+    match attempt {
         Some(rgb) => Ok(rgb),
         None => decode_full(bytes, fmt),
     }

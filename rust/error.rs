@@ -117,6 +117,56 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {}
 
+/// Run `f`, turning a panic into the error `wrap(panic message)`. The last line of defence around code that
+/// data reaches and we do not own (decoders, header readers, the parquet reader): a panic there would end
+/// a whole epoch (or cross into Python as PanicException) where a per-image error can be skipped and names
+/// the image. The panic's own message is kept as the cause.
+pub fn catch_panic<T>(
+    f: impl FnOnce() -> Result<T>,
+    wrap: impl FnOnce(String) -> Error,
+) -> Result<T> {
+    quiet_hook_installed();
+    let was = QUIET.with(|q| q.replace(true));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    QUIET.with(|q| q.set(was));
+    match r {
+        Ok(r) => r,
+        Err(payload) => Err(wrap(panic_message(payload.as_ref()))),
+    }
+}
+
+thread_local! {
+    /// Set while this thread runs inside `catch_panic`: its panics become errors, so the panic hook stays
+    /// silent (a corrupt image would otherwise print a backtrace to stderr next to its one-line error).
+    static QUIET: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// This extension's panic hook (each Rust extension module has its own): the default one, except inside
+/// `catch_panic`.
+fn quiet_hook_installed() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !QUIET.with(|q| q.get()) {
+                default(info);
+            }
+        }));
+    });
+}
+
+/// The text of a panic payload (`panic!` with a message gives a &str or a String; libjpeg's unwinding
+/// through the mozjpeg crate gives a String).
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        s.to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "(no message)".to_string()
+    }
+}
+
 /// `FromStr` for an option read from Python by name: `option_from_str!(Type, "what", "name" => Type::Variant, ...)`.
 /// An unknown name is an `Error::Invalid` saying which names are accepted.
 #[macro_export]
@@ -171,6 +221,27 @@ mod tests {
             e.to_string(),
             "IDX/samples.arrow: sample 'q7' (row 3): image row 99 out of range"
         );
+    }
+
+    #[test]
+    fn panics_become_errors_with_their_message() {
+        let r: Result<()> = catch_panic(
+            || panic!("index 7 out of range"),
+            |m| Error::BadPixels(format!("decoder panicked: {m}")),
+        );
+        assert_eq!(
+            r.unwrap_err(),
+            Error::BadPixels("decoder panicked: index 7 out of range".into())
+        );
+        let r: Result<()> = catch_panic(
+            || std::panic::resume_unwind(Box::new(String::from("libjpeg fatal error: x"))),
+            Error::BadPixels,
+        );
+        assert_eq!(
+            r.unwrap_err(),
+            Error::BadPixels("libjpeg fatal error: x".into())
+        );
+        assert_eq!(catch_panic(|| Ok(3), Error::BadPixels), Ok(3));
     }
 
     #[test]

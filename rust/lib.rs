@@ -53,7 +53,13 @@ impl From<Error> for PyErr {
 type ProbeRow = (&'static str, u32, u32, &'static str, usize, String);
 
 fn probe_row(blob: &[u8], is_base64: bool) -> ProbeRow {
-    match header::probe_blob(blob, is_base64) {
+    // header.rs catches the header readers' panics; this one catches the rest (base64), so that one image can
+    // never end a whole probe: prepare records it as a defect naming the file and the image id.
+    let probed = error::catch_panic(
+        || header::probe_blob(blob, is_base64),
+        |m| Error::BadHeader(format!("the header probe panicked: {m}")),
+    );
+    match probed {
         Ok(h) => (
             "",
             h.width,

@@ -12,7 +12,7 @@ use rayon::prelude::*;
 
 use crate::blobs::{self, Blobs};
 use crate::config::{Config, OnError};
-use crate::error::{Error, Result};
+use crate::error::{catch_panic, panic_message, Error, Result};
 use crate::index::IndexData;
 use crate::layout::{layout, BatchOut};
 use crate::pack::Batch;
@@ -47,12 +47,19 @@ fn build_batch(
                 .filter_map(|(part, slot)| {
                     let img = slot.img;
                     let r = match blobs.get(&img) {
-                        Some(Ok(b)) => pixels.write(
-                            b,
-                            blobs::is_base64(ix, img),
-                            cfg.jpeg_draft,
-                            ix.max_image_pixels,
-                            part,
+                        // A panic in decoding or transforming is this image's failure (named, skippable),
+                        // not the epoch's.
+                        Some(Ok(b)) => catch_panic(
+                            || {
+                                pixels.write(
+                                    b,
+                                    blobs::is_base64(ix, img),
+                                    cfg.jpeg_draft,
+                                    ix.max_image_pixels,
+                                    part,
+                                )
+                            },
+                            |m| Error::BadPixels(format!("decoding this image panicked: {m}")),
                         ),
                         Some(Err(e)) => Err(e.clone()),
                         None => Err(Error::Runtime(format!(
@@ -133,11 +140,14 @@ pub fn spawn(ix: Arc<IndexData>, cfg: Arc<Config>, batches: Vec<Batch>) -> Resul
     let handle = std::thread::Builder::new()
         .name("otterfast-loader".into())
         .spawn(move || {
+            // Data-dependent steps catch their own panics (per image, per row group); one reaching here is
+            // a bug in this crate, reported with its message rather than as a dead queue.
             let r = catch_unwind(AssertUnwindSafe(|| produce(&ix, &cfg, batches, &tx)));
-            if r.is_err() {
-                let _ = tx.send(Err(Error::Runtime(
-                    "internal error: the loader thread panicked".into(),
-                )));
+            if let Err(payload) = r {
+                let _ = tx.send(Err(Error::Runtime(format!(
+                    "internal error: the loader thread panicked: {}",
+                    panic_message(payload.as_ref())
+                ))));
             }
         })
         .map_err(|e| Error::Runtime(format!("cannot start the loader thread: {e}")))?;

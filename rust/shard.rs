@@ -14,7 +14,25 @@ use crate::error::{Error, Result};
 
 /// Stream `column` of `row_group` in `path` and call `visit(row, Some(bytes) | None)` for each row in
 /// `rows` (sorted ascending, rows within the row group). Rows not asked for are decoded and dropped.
+/// A corrupt file is an error naming it, also where the parquet crate panics on it (it does on some corrupt
+/// footers: "column start and length should not be negative", tests/test_native_fuzz.py).
 pub fn for_each_row<F: FnMut(usize, Option<&[u8]>)>(
+    path: &str,
+    column: &str,
+    row_group: usize,
+    rows: &[usize],
+    visit: F,
+) -> Result<()> {
+    crate::error::catch_panic(
+        || stream_rows(path, column, row_group, rows, visit),
+        |m| Error::File {
+            file: path.to_string(),
+            cause: format!("row group {row_group}: the parquet reader failed on corrupt data: {m}"),
+        },
+    )
+}
+
+fn stream_rows<F: FnMut(usize, Option<&[u8]>)>(
     path: &str,
     column: &str,
     row_group: usize,

@@ -115,13 +115,20 @@ pub fn clip_resized_size(
 pub fn clip_pixels_into(img: &Rgb, size: u32, max_pixels: u64, out: &mut [f32]) -> Result<()> {
     let (nw, nh) = clip_resized_size(img.width, img.height, size, max_pixels)?;
     let r = resize(img, nw, nh, FilterType::CatmullRom)?;
-    let top = ((nh - size) / 2) as usize;
-    let left = ((nw - size) / 2) as usize;
+    // Both sides are >= size (the short one is size, the long one size * long / short); a resize that
+    // broke that is reported, not a slice panic.
+    let bug = || Error::Runtime(format!("internal: CLIP crop of {size} from {nw}x{nh}"));
+    let top = (nh.checked_sub(size).ok_or_else(bug)? / 2) as usize;
+    let left = (nw.checked_sub(size).ok_or_else(bug)? / 2) as usize;
     let s = size as usize;
     let mut crop = Vec::with_capacity(s * s * 3);
     for y in 0..s {
         let row = (top + y) * nw as usize * 3;
-        crop.extend_from_slice(&r.data[row + left * 3..row + (left + s) * 3]);
+        let px = r
+            .data
+            .get(row + left * 3..row + (left + s) * 3)
+            .ok_or_else(bug)?;
+        crop.extend_from_slice(px);
     }
     normalise_chw(
         &Rgb {
@@ -202,6 +209,12 @@ pub fn fuyu_patches_into(
     for (v, o) in lut.iter_mut().enumerate() {
         *o = (v as f32 * (1.0f32 / 255.0) - 0.5) / 0.5;
     }
+    if img.data.len() != h * w * 3 {
+        return Err(Error::Runtime(format!(
+            "internal: {} bytes for a {w}x{h} image",
+            img.data.len()
+        )));
+    }
     if out.len() != rows * cols * PATCH_DIM {
         return Err(Error::BadPixels(format!(
             "image is {}x{}, its header said otherwise",
@@ -246,6 +259,68 @@ mod tests {
             assert_eq!(r * c + r, n);
         }
         assert_eq!(fuyu_resized_size(2160, 1000, 1080, 1920), (1080, 500));
+    }
+
+    fn noise(width: u32, height: u32) -> Rgb {
+        let n = (width * height * 3) as usize;
+        Rgb {
+            width,
+            height,
+            data: (0..n).map(|i| (i * 37 % 251) as u8).collect(),
+        }
+    }
+
+    /// Every transform at 1 x N, N x 1 and the longest strips the size rule allows (200:1, here up to
+    /// 40,000 x 200: CLIP then resizes to 44,800 x 224): the right shape or a named refusal, never a panic.
+    #[test]
+    fn every_transform_at_extreme_sizes() {
+        let max = limits::DEFAULT_MAX_PIXELS;
+        for (w, h) in [
+            (1, 1),
+            (1, 200),
+            (200, 1),
+            (1, 2),
+            (2, 1),
+            (200, 40_000),
+            (40_000, 200),
+            (1, 29),
+            (31, 1),
+        ] {
+            assert!(limits::check_size(w, h, max).is_ok());
+            let img = noise(w, h);
+            let mut out = Vec::new();
+            otter_pixels(&img, 224, &mut out).unwrap();
+            assert_eq!(out.len(), 3 * 224 * 224);
+            out.clear();
+            clip_pixels(&img, 224, max, &mut out).unwrap();
+            assert_eq!(out.len(), 3 * 224 * 224);
+            assert!(out.iter().all(|v| v.is_finite()));
+            out.clear();
+            let (rows, cols) = fuyu_patches(&img, 1080, 1920, &mut out).unwrap();
+            assert_eq!(out.len(), rows * cols * PATCH_DIM);
+            assert!(rows >= 1 && cols >= 1);
+        }
+        // Past the rule: each transform refuses by name before allocating.
+        let strip = noise(1, 1000);
+        let mut out = Vec::new();
+        let e = clip_pixels(&strip, 224, 224 * 224_000 - 1, &mut out).unwrap_err();
+        assert_eq!(e.code(), "image_too_large");
+        let e = fuyu_patches(&strip, 100, 1920, &mut out).unwrap_err();
+        assert_eq!(e.code(), "extreme_aspect_ratio");
+        assert_eq!(
+            clip_resized_size(1, 500_000, 224, max).unwrap_err().code(),
+            "image_too_large"
+        );
+        assert_eq!(
+            clip_resized_size(u32::MAX, 1, 16_384, u64::MAX)
+                .unwrap_err()
+                .code(),
+            "image_too_large"
+        );
+        assert_eq!(
+            clip_resized_size(0, 7, 224, max).unwrap_err().code(),
+            "bad_header"
+        );
     }
 
     #[test]

@@ -19,7 +19,8 @@ def probe_images(
     (standard or URL-safe alphabet).
 
     Returns per item (error_code, width, height, format, encoded_len, message); error_code is "" on
-    success, else one of "bad_base64", "not_an_image", "bad_header" (message says why).
+    success, else one of "bad_base64", "not_an_image", "bad_header" (message says why; a header reader that
+    panics on the bytes is a "bad_header" too, never an exception).
     Raises ValueError when the offsets do not fit the buffer.
     """
 
@@ -30,7 +31,7 @@ def probe_parquet_rows(
 
     Streams the column page by page (memory: a page and 32 images), without the GIL. Rows as
     `probe_images`, plus error_code "null_image" for a null value. ValueError naming the file on a bad path,
-    column, row group or row.
+    column, row group or row, or a corrupt file (also where the parquet reader panics on it).
     """
 
 def decode_base64(text: bytes) -> bytes:
