@@ -7,6 +7,7 @@
 
 use image::{DynamicImage, ImageFormat};
 
+use crate::complete::check_complete;
 use crate::error::{catch_panic, Error, Result};
 use crate::header::{decode_base64, probe_bytes, sniff_format};
 use crate::limits;
@@ -19,11 +20,16 @@ pub struct Rgb {
     pub data: Vec<u8>,
 }
 
-/// The format of `bytes`, after checking its header size against limits.rs (before anything is allocated).
+/// The format of `bytes`, after checking its header size against limits.rs (before anything is allocated)
+/// and that its data is all there (complete.rs: the decoders would fill in a cut file without a word).
 fn checked_format(bytes: &[u8], max_pixels: u64) -> Result<ImageFormat> {
     let h = probe_bytes(bytes)?;
     limits::check_size(h.width, h.height, max_pixels)?;
-    sniff_format(bytes).map(|(f, _)| f).ok_or(Error::NotAnImage)
+    let fmt = sniff_format(bytes)
+        .map(|(f, _)| f)
+        .ok_or(Error::NotAnImage)?;
+    check_complete(bytes, fmt)?;
+    Ok(fmt)
 }
 
 /// Decode to RGB, refusing a header size limits.rs refuses (`max_pixels`: the index's --max-image-pixels).
@@ -37,8 +43,15 @@ fn decode_full(bytes: &[u8], fmt: ImageFormat) -> Result<Rgb> {
     // A decoder panic on hostile bytes must not cross into Python: catch it and report it as bad data.
     let decoded = catch_panic(
         || {
-            image::load_from_memory_with_format(bytes, fmt)
-                .map_err(|e| Error::BadPixels(format!("cannot decode {fmt:?}: {e}")))
+            image::load_from_memory_with_format(bytes, fmt).map_err(|e| match e {
+                // The png decoder's word for a file cut short (the structural check leaves PNG to it).
+                image::ImageError::IoError(io)
+                    if io.kind() == std::io::ErrorKind::UnexpectedEof =>
+                {
+                    Error::Truncated(format!("{fmt:?}: {io}"))
+                }
+                e => Error::BadPixels(format!("cannot decode {fmt:?}: {e}")),
+            })
         },
         |m| Error::BadPixels(format!("cannot decode {fmt:?}: the decoder panicked: {m}")),
     )?;

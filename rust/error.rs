@@ -16,6 +16,9 @@ pub enum Error {
     BadHeader(String),
     /// A readable header whose pixels cannot be decoded or transformed.
     BadPixels(String),
+    /// Encoded data that ends before the image does (complete.rs: a JPEG without its end-of-image marker, a
+    /// WebP shorter than its RIFF size, ...). PIL refuses these ("image file is truncated"); so do we.
+    Truncated(String),
     /// A header size whose long side is over limits::MAX_ASPECT_RATIO x its short side, or whose resize
     /// would have a side of 0.
     ExtremeAspect(String),
@@ -55,6 +58,7 @@ impl Error {
             Error::NotAnImage => "not_an_image",
             Error::BadHeader(_) => "bad_header",
             Error::NullImage => "null_image",
+            Error::Truncated(_) => "truncated_image",
             Error::ExtremeAspect(_) => "extreme_aspect_ratio",
             Error::TooLarge(_) => "image_too_large",
             _ => "error",
@@ -79,6 +83,7 @@ impl fmt::Display for Error {
             Error::NotAnImage => f.write_str("bytes are not a JPEG, PNG, WebP or GIF image"),
             Error::BadHeader(m) => write!(f, "corrupt image header: {m}"),
             Error::BadPixels(m) => f.write_str(m),
+            Error::Truncated(m) => write!(f, "truncated image: {m}"),
             Error::ExtremeAspect(m) => write!(f, "extreme aspect ratio: {m}"),
             Error::TooLarge(m) => write!(f, "image too large: {m}"),
             Error::NullImage => f.write_str("image bytes are null"),
@@ -254,5 +259,6 @@ mod tests {
             "extreme_aspect_ratio"
         );
         assert_eq!(Error::TooLarge(String::new()).code(), "image_too_large");
+        assert_eq!(Error::Truncated(String::new()).code(), "truncated_image");
     }
 }

@@ -91,14 +91,22 @@ pub fn probe_bytes(bytes: &[u8]) -> Result<Header> {
     })
 }
 
-/// Probe one blob, base64-decoding it first when `is_base64`.
+/// Probe one blob, base64-decoding it first when `is_base64`: its header, and whether its data is all there
+/// (complete.rs; read from the structure, nothing decoded), so that prepare counts a cut image as
+/// `truncated_image` where the loaders would refuse it.
 pub fn probe_blob(blob: &[u8], is_base64: bool) -> Result<Header> {
-    if is_base64 {
-        let raw = decode_base64(blob)?;
-        probe_bytes(&raw)
+    let raw;
+    let bytes = if is_base64 {
+        raw = decode_base64(blob)?;
+        &raw[..]
     } else {
-        probe_bytes(blob)
+        blob
+    };
+    let h = probe_bytes(bytes)?;
+    if let Some((fmt, _)) = sniff_format(bytes) {
+        crate::complete::check_complete(bytes, fmt)?;
     }
+    Ok(h)
 }
 
 #[cfg(test)]

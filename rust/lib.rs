@@ -2,7 +2,7 @@
 //!
 //! This file and loader.rs only bind; each stage lives in its own module:
 //!
-//!   header.rs   image headers and base64 (data prepare's probe)
+//!   header.rs   image headers and base64 (data prepare's probe)   complete.rs  is the data all there
 //!   shard.rs    parquet image columns, streamed        blobs.rs   the image window's encoded bytes
 //!   decode.rs   bytes -> RGB                            transform.rs  RGB -> Otter/CLIP pixels, Fuyu patches
 //!   pixels.rs   which transform, per loader             layout.rs  a batch's tokens, media and pixel slots
@@ -14,6 +14,7 @@
 //! `From<Error> for PyErr` below) or per-item error codes, never panics.
 
 pub mod blobs;
+pub mod complete;
 pub mod config;
 pub mod decode;
 pub mod error;

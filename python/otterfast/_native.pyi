@@ -20,7 +20,8 @@ def probe_images(
 
     Returns per item (error_code, width, height, format, encoded_len, message); error_code is "" on
     success, else one of "bad_base64", "not_an_image", "bad_header" (message says why; a header reader that
-    panics on the bytes is a "bad_header" too, never an exception).
+    panics on the bytes is a "bad_header" too, never an exception), "truncated_image" (the data ends before the
+    image does, read from its structure: rust/complete.rs).
     Raises ValueError when the offsets do not fit the buffer.
     """
 

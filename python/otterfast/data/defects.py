@@ -29,6 +29,8 @@ DEFECT_KINDS = {
     "unreadable_table": "an image whose parquet page cannot be read (a corrupt or truncated table file)",
     "image_too_large": "an image whose header declares more pixels than --max-image-pixels (decompression bomb)",
     "extreme_aspect_ratio": "an image whose long side is over 200 x its short side (images.MAX_ASPECT_RATIO)",
+    "truncated_image": "an image whose data ends before the image does (a JPEG without its end-of-image marker, "
+                       "a WebP shorter than its RIFF size, a GIF frame cut short)",
     "bad_shard": "a tar shard that cannot be read to its end (not a tar, truncated, corrupt header; data/shards.py)",
     "bad_member": "a shard member that makes no valid sample (malformed JSON, missing fields, stray member)",
 }
