@@ -211,7 +211,15 @@ def worker(a) -> dict:
 def decode_floor(index: str, n: int = 300) -> dict:
     """MP/s on one core decoding the index's first n images to RGB: PIL (Otter's decoder) and the native decoder
     (what the native loader runs per image before its resize)."""
-    pin_cores(1)
+    before = os.sched_getaffinity(0)
+    pin_cores(1)  # this process's affinity is inherited by every backend process started later: restored below
+    try:
+        return _decode_floor(index, n)
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def _decode_floor(index: str, n: int) -> dict:
     from otterfast import _native
     from otterfast.data import images as imgs
     from otterfast.data.index import PreparedIndex
