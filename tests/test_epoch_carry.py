@@ -24,7 +24,7 @@ def test_carry_cuts_padding_and_loses_nothing(demo_index):
     L = new._lengths
     pad_old = [_padding(old.plan(e), L, 1024) for e in range(4)]
     pad_new = [_padding(new.plan(e), L, 1024) for e in range(4)]
-    # every epoch ends without its half-empty row, the last one emits its leftover as an extra batch
+    # every epoch ends without its half-empty row but the last, which keeps its own
     assert all(n < o for n, o in zip(pad_new[:3], pad_old[:3])), (pad_old, pad_new)
     assert sum(pad_new) < sum(pad_old)
     # over the run every sample of every epoch's order is trained exactly as often as without the carry
@@ -53,7 +53,7 @@ def test_carried_row_is_the_least_full_and_starts_the_next_epoch():
     assert q.rows(1) == kept1
 
 
-def test_last_epoch_emits_its_leftover_last_and_single_rows_stay():
+def test_last_epoch_keeps_its_leftover_and_single_rows_stay():
     lengths = [30, 20]
     rows_of = lambda order: plan_rows(lengths, order, 100, 1000)  # noqa: E731
     p = EpochPlanner(rows_of, lambda e: [0, 1], lengths, 100, carry=True)
@@ -62,15 +62,10 @@ def test_last_epoch_emits_its_leftover_last_and_single_rows_stay():
     rows_of = lambda order: plan_rows(lengths, order, 100, 1000)  # noqa: E731
     last = EpochPlanner(rows_of, lambda e: [0, 1, 2], lengths, 100, carry=True, last_epoch=1)
     longer = EpochPlanner(rows_of, lambda e: [0, 1, 2], lengths, 100, carry=True, last_epoch=3)
-    # epoch 0: rows [0] [1] [2]: the 20-token row is carried; epoch 1 plans [2] + [0, 1, 2]: [0] [1] [2, 2] and
-    # carries [2, 2]
-    assert last.rows(0) == [[0], [1]] and last.rows(1) == [[0], [1]] and last.leftover(1) == [2, 2]
-    b_last = last.batches(1, 1, shuffle=True, seed=0)
-    b_longer = longer.batches(1, 1, shuffle=True, seed=0)
-    # the last epoch emits its leftover as one batch after all others; every batch before it is the same as in a
-    # longer run, so a resume that changes `epochs` stays exact up to there
-    assert b_last[:-1] == b_longer and len(b_last[-1]) == 1 and last.leftover(1) == b_last[-1][0]
-    assert longer.leftover(1) == []
+    # epoch 0: rows [0] [1] [2]: the 20-token row is carried; epoch 1 plans [2] + [0, 1, 2] = [0] [1] [2, 2]: the
+    # last epoch keeps its least-full row, a longer run carries it on
+    assert last.rows(0) == longer.rows(0) == [[0], [1]]
+    assert last.rows(1) == [[0], [1], [2, 2]] and longer.rows(1) == [[0], [1]]
 
 
 @pytest.mark.parametrize("shuffle", [True, False])
@@ -98,3 +93,16 @@ def test_resume_in_a_later_epoch_is_exact(demo_index):
     second = NativeLoader(demo_index, **kw)  # a new process: epoch 0's carry is planned again from the seed
     second.load_state_dict(state)
     assert head + [b["sample_index"].tolist() for b in second] == e1 and e0 != e1
+
+
+def test_resume_accepts_a_changed_epoch_count_only_before_both_last_epochs():
+    from otterfast.train.checkpoint import check_plan
+
+    plan = {"seed": 0, "data.loader.last_epoch": 2}
+    for saved_last, ep, ok in [(4, 1, True), (4, 2, False), (4, 3, False), (-1, 1, True), (-1, 2, False)]:
+        trainer = {"plan": {"seed": 0, "data.loader.last_epoch": saved_last}, "loader": {"epoch": ep, "batches": 3}}
+        if ok:
+            check_plan("ck", trainer, plan)
+        else:
+            with pytest.raises(ValueError, match="data.loader.last_epoch"):
+                check_plan("ck", trainer, plan)

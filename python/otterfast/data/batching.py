@@ -48,7 +48,7 @@ class LoaderConfig:
     shuffle_batches: bool = True
     # Packed: carry each epoch's least-full row into the next epoch's first window instead of emitting it half
     # empty (on the demo data at 4,096 tokens the last row is 26% full and the epoch's padding 6.9%); the run's
-    # `last_epoch` (set by `otterfast train`; -1: none) emits its leftover as a last batch (EpochPlanner).
+    # `last_epoch` (set by `otterfast train`; -1: none) keeps its own (EpochPlanner).
     carry_last_row: bool = True
     last_epoch: int = -1
     on_error: str = "raise"  # or "skip": leave out a sample whose image fails to decode, counted
@@ -117,10 +117,10 @@ class EpochPlanner:
     Epoch e plans `carry(e) + order(e)`: carry(e) is the least-full row of epoch e-1's plan (the most room; ties:
     the later row), taken out of e-1 and put at the front of e's order, so that its samples share e's first
     window with e's own (best-fit-decreasing places them like any other). carry(0) is empty; a plan of one row
-    keeps it; a full row is never carried. No sample is lost: a carried sample is trained at the start of the next
-    epoch instead of the end of its own, and the run's last epoch (`last_epoch`) emits its leftover as one extra
-    batch after all the others (`leftover`), so changing the number of epochs at a resume changes no batch before
-    that one.
+    keeps it; a full row is never carried; the run's last epoch (`last_epoch`) keeps its least-full row among its
+    other rows (shuffled with them: made of the epoch's shortest samples, it must not be the run's final step).
+    No sample is lost: a carried sample is trained at the start of the next epoch instead of the end of its own.
+    Plans before the last epoch do not depend on `last_epoch` (the resume check relies on it).
 
     carry(e) depends on every epoch before it, so planning epoch e plans 0..e-1 first (token counts only; the
     carries are kept, so a run plans each epoch once): a resume at epoch e pays e plans. `rows_of(order)` is the
@@ -139,17 +139,10 @@ class EpochPlanner:
             e += 1
         return self._plan(epoch)
 
-    def leftover(self, epoch: int) -> list[int]:
-        """The row epoch `epoch` emits after its batches: its carry when it is the run's last epoch, else []."""
-        if epoch != self.last_epoch:
-            return []
-        self.rows(epoch)
-        return self._carry_in[epoch + 1]
-
     def _plan(self, epoch: int) -> list[list[int]]:
         rows = self.rows_of(self._carry_in[epoch] + list(self.order_of(epoch)))
         out: list[int] = []
-        if self.carry and len(rows) > 1:
+        if self.carry and epoch != self.last_epoch and len(rows) > 1:
             fill = [sum(self.lengths[s] for s in r) for r in rows]
             k = max(range(len(rows)), key=lambda b: (self.capacity - fill[b], b))
             if fill[k] < self.capacity:
@@ -159,13 +152,10 @@ class EpochPlanner:
 
     def batches(self, epoch: int, batch_size: int, shuffle: bool, seed: int) -> list[list[list[int]]]:
         """The whole epoch's batches, before rank sharding: rows in batches of `batch_size`, shuffled (seeded by
-        seed and epoch) when asked, then the last epoch's leftover row as a batch of its own."""
+        seed and epoch) when asked."""
         rows = self.rows(epoch)
         out = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
-        if shuffle:
-            out = shuffle_batches(out, seed, epoch)
-        tail = self.leftover(epoch)
-        return out + [[tail]] if tail else out
+        return shuffle_batches(out, seed, epoch) if shuffle else out
 
 
 def plan_batches(lengths: list[int], order: list[int], batch_size: int, pack: bool, capacity: int,

@@ -187,6 +187,12 @@ def check_plan(path: str, trainer: dict, plan: dict) -> None:
         raise ValueError(f"{path}: saved without a batch-plan fingerprint (by an older otterfast): whether resuming "
                          "it would be exact cannot be checked; start afresh in a new output_dir")
     changed = [k for k in plan if saved.get(k) != plan[k]]
+    last, ep = "data.loader.last_epoch", trainer.get("loader", {}).get("epoch")
+    if last in changed and saved.get(last) is not None and ep is not None:
+        # `epochs` changed: epochs before both runs' last one are planned alike (batching.EpochPlanner)
+        firsts = [e for e in (saved[last], plan[last]) if e >= 0]
+        if not firsts or ep < min(firsts):
+            changed.remove(last)
     if changed:
         def show(k, v):
             return f"{v[:12]}" if k == "data" and isinstance(v, str) else repr(v)

@@ -374,7 +374,7 @@ def plan_fingerprint(cfg, plan: DataPlan, world: int) -> dict:
             "data.loader.batch_size": lc.batch_size, "data.loader.pack": lc.pack,
             "data.loader.capacity": loader.capacity, "data.loader.window": lc.window,
             "data.loader.shuffle_batches": lc.shuffle_batches, "data.loader.even_batches": lc.even_batches,
-            "data.loader.carry_last_row": lc.carry_last_row,
+            "data.loader.carry_last_row": lc.carry_last_row, "data.loader.last_epoch": lc.last_epoch,
             "data": loader.index.fingerprint(),
             # the fraction split decides which samples the training loader sees (a separate dataset does not); a
             # checkpoint saved without these keys reads them as None, the values of a run without the split
