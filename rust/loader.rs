@@ -58,6 +58,7 @@ pub struct PyNativeLoader {
     cfg: Arc<Config>,
     // A Mutex only to make the class Sync for PyO3; every method takes &mut self, so it is never contended.
     running: std::sync::Mutex<Option<Running>>,
+    pool: std::sync::Mutex<pipeline::Pool>,
 }
 
 #[pymethods]
@@ -73,10 +74,11 @@ impl PyNativeLoader {
             index: Arc::new(index),
             cfg: Arc::new(config),
             running: std::sync::Mutex::new(None),
+            pool: std::sync::Mutex::new(pipeline::Pool::default()),
         })
     }
 
-    /// Start producing `batches` (batches of rows of index sample rows) on a fresh thread and pool.
+    /// Start producing `batches` (batches of rows of index sample rows) on a fresh thread and the loader's pool.
     /// A running epoch is stopped first.
     fn start(&mut self, py: Python<'_>, batches: Vec<Vec<Vec<u32>>>) -> PyResult<()> {
         let n = self.index.num_samples();
@@ -93,10 +95,16 @@ impl PyNativeLoader {
         let slot = self.running.get_mut().unwrap_or_else(|p| p.into_inner());
         let old = slot.take();
         py.detach(move || drop(old));
+        let pool = self
+            .pool
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(self.cfg.threads())?;
         *slot = Some(pipeline::spawn(
             self.index.clone(),
             self.cfg.clone(),
             batches,
+            pool,
         )?);
         Ok(())
     }

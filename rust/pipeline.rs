@@ -1,4 +1,4 @@
-//! Threads and queue: a producer thread per epoch with its own rayon pool reads a window of images
+//! Threads and queue: a producer thread per epoch, working on the loader's rayon pool, reads a window of images
 //! (blobs.rs), lays out each batch (layout.rs), decodes every image straight into its slot of the batch's
 //! pixel buffer in parallel (pixels.rs) and hands batches over through a bounded queue. Knows nothing of
 //! Python; loader.rs binds it.
@@ -99,25 +99,13 @@ fn build_batch(
 
 type Queue = SyncSender<Result<BatchOut>>;
 
-fn produce(ix: &IndexData, cfg: &Config, batches: Vec<Batch>, tx: &Queue) {
-    let pool = match rayon::ThreadPoolBuilder::new()
-        .num_threads(cfg.threads())
-        .build()
-    {
-        Ok(p) => p,
-        Err(e) => {
-            let _ = tx.send(Err(Error::Runtime(format!(
-                "cannot start the loader's threads: {e}"
-            ))));
-            return;
-        }
-    };
+fn produce(ix: &IndexData, cfg: &Config, batches: Vec<Batch>, tx: &Queue, pool: &rayon::ThreadPool) {
     let mut start = 0usize;
     while start < batches.len() {
         let (end, imgs) = blobs::next_window(ix, cfg, &batches, start);
-        let blobs = blobs::read_blobs(ix, &imgs, &pool);
+        let blobs = blobs::read_blobs(ix, &imgs, pool);
         for batch in &batches[start..end] {
-            let res = build_batch(ix, cfg, batch, &blobs, &pool);
+            let res = build_batch(ix, cfg, batch, &blobs, pool);
             let failed = res.is_err();
             if tx.send(res).is_err() || failed {
                 return; // the consumer went away, or we reported an error and stop
@@ -133,16 +121,53 @@ pub struct Running {
     handle: Option<JoinHandle<()>>,
 }
 
-/// Start producing `batches` (IndexData::check passed; sample rows in range) on a fresh thread and pool.
-/// Threads start here, never when a loader is built, so that a process forked before iterating starts its own.
-pub fn spawn(ix: Arc<IndexData>, cfg: Arc<Config>, batches: Vec<Batch>) -> Result<Running> {
+/// The loader's decode threads: built at its first epoch (never when a loader is built, so that a process forked
+/// before iterating starts its own) and kept for its later epochs. A fresh pool every epoch made glibc hand each
+/// generation of threads its own arenas, which kept the freed image buffers fragmented: the soak's RSS crept
+/// ~5 MiB an epoch (benches/soak.py: +6.7 % over 20 epochs; MALLOC_ARENA_MAX=2 made it flat, which pinned it down).
+#[derive(Default)]
+pub struct Pool {
+    built: Option<(u32, Arc<rayon::ThreadPool>)>,
+}
+
+impl Pool {
+    /// This process's pool of `threads` threads. In a child forked after the parent iterated, the inherited pool
+    /// names threads that do not exist there (and may hold locks taken by them): it is leaked, never touched.
+    pub fn get(&mut self, threads: usize) -> Result<Arc<rayon::ThreadPool>> {
+        let pid = std::process::id();
+        match self.built.take() {
+            Some((owner, pool)) if owner == pid => {
+                self.built = Some((owner, pool.clone()));
+                return Ok(pool);
+            }
+            Some(inherited) => std::mem::forget(inherited),
+            None => {}
+        }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("otterfast-decode-{i}"))
+            .build()
+            .map_err(|e| Error::Runtime(format!("cannot start the loader's threads: {e}")))?;
+        let pool = Arc::new(pool);
+        self.built = Some((pid, pool.clone()));
+        Ok(pool)
+    }
+}
+
+/// Start producing `batches` (IndexData::check passed; sample rows in range) on a fresh thread, decoding on `pool`.
+pub fn spawn(
+    ix: Arc<IndexData>,
+    cfg: Arc<Config>,
+    batches: Vec<Batch>,
+    pool: Arc<rayon::ThreadPool>,
+) -> Result<Running> {
     let (tx, rx) = sync_channel(cfg.prefetch.max(1));
     let handle = std::thread::Builder::new()
         .name("otterfast-loader".into())
         .spawn(move || {
             // Data-dependent steps catch their own panics (per image, per row group); one reaching here is
             // a bug in this crate, reported with its message rather than as a dead queue.
-            let r = catch_unwind(AssertUnwindSafe(|| produce(&ix, &cfg, batches, &tx)));
+            let r = catch_unwind(AssertUnwindSafe(|| produce(&ix, &cfg, batches, &tx, &pool)));
             if let Err(payload) = r {
                 let _ = tx.send(Err(Error::Runtime(format!(
                     "internal error: the loader thread panicked: {}",

@@ -152,6 +152,45 @@ def test_forked_process_starts_its_own_threads(demo_index):
     assert next(iter(clone))["input_ids"].tolist() == parent.tolist()
 
 
+def _decode_threads() -> set[int]:
+    """Thread ids of this process's native decode threads (named otterfast-decode-N; comm keeps 15 bytes)."""
+    out = set()
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                if f.read().startswith("otterfast-decod"):
+                    out.add(int(tid))
+        except OSError:
+            pass  # a thread that ended while listed
+    return out
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux's /proc")
+def test_decode_threads_live_as_long_as_the_loader(demo_index):
+    """One pool of `num_threads` decode threads serves every epoch (a fresh pool per epoch made glibc's arenas
+    fragment: benches/soak.py), and goes when the loader goes."""
+    import gc
+
+    before = _decode_threads()
+    loader = NativeLoader(demo_index, batch_size=2, pack=False, num_threads=2)
+    assert _decode_threads() == before  # no threads until the first epoch
+    seen = []
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        for _ in loader:
+            pass
+        seen.append(_decode_threads() - before)
+    assert len(seen[0]) == 2 and seen[0] == seen[1] == seen[2]
+    del loader
+    gc.collect()
+    import time
+
+    deadline = time.monotonic() + 10
+    while _decode_threads() - before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not (_decode_threads() - before)
+
+
 def _corrupt_dataset(mini, tmp_path, demo_tok_dir):
     good = encode_image(40, 30, "JPEG", seed=1)
     bad = encode_image(200, 150, "PNG", seed=2)
