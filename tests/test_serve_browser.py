@@ -10,6 +10,7 @@ browser when it runs as root with apt)."""
 from __future__ import annotations
 
 import base64
+import io
 import os
 import shutil
 import time
@@ -150,3 +151,94 @@ def test_page_shows_a_bad_request_as_an_error(page_server, browser, tmp_path):
     d.find_element(By.ID, "send").click()
     err = wait_for(d, lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.error"), 30, "the error")[0]
     assert f"400: messages: {limit + 1} images" in err.text and f"over the limit of {limit}" in err.text
+
+
+# Draws a 4-colour clip (red, green, blue, yellow; 0.3 s each) on a canvas, records it with the browser's own
+# MediaRecorder (WebM, VP8: chromium encodes it itself, so no video file or encoder is needed here), and puts it
+# in the page's video picker as a user's pick would (a File in the input, then its change event).
+RECORD_AND_PICK_CLIP = """
+const done = arguments[arguments.length - 1];
+const c = document.createElement("canvas"); c.width = 96; c.height = 64;
+const g = c.getContext("2d");
+const colours = ["#ff0000", "#00ff00", "#0000ff", "#ffff00"];
+const rec = new MediaRecorder(c.captureStream(30), {mimeType: "video/webm"});
+const chunks = [];
+rec.ondataavailable = (e) => { if (e.data.size) chunks.push(e.data); };
+rec.onstop = () => {
+  const file = new File(chunks, "clip.webm", {type: "video/webm"});
+  const dt = new DataTransfer(); dt.items.add(file);
+  const input = document.getElementById("video");
+  input.files = dt.files;
+  input.dispatchEvent(new Event("change"));
+  done(file.size);
+};
+const t0 = performance.now();
+g.fillStyle = colours[0]; g.fillRect(0, 0, 96, 64);
+rec.start();
+const timer = setInterval(() => {
+  const k = Math.floor((performance.now() - t0) / 300);
+  if (k >= colours.length) { clearInterval(timer); rec.stop(); return; }
+  g.fillStyle = colours[k]; g.fillRect(0, 0, 96, 64);
+}, 20);
+"""
+
+# Keeps a copy of every chat request the page sends.
+RECORD_REQUESTS = """
+window.sentBodies = [];
+const original = window.fetch;
+window.fetch = (url, opts) => {
+  if (opts && opts.body) window.sentBodies.push(opts.body);
+  return original(url, opts);
+};
+"""
+
+
+def test_page_sends_a_picked_video_as_frames(page_server, browser):
+    """The video picker: a short clip becomes N frames spread over it (here 4, one per colour of the clip), sent as
+    one video part; the reply streams in and equals the API's reply to the same frames."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+
+    d = browser
+    d.get(page_server.url + "/")
+    wait_for(d, lambda d: d.find_element(By.ID, "model-name").text, 30, "the model's name")
+    frames_box = d.find_element(By.ID, "video-frames")
+    frames_box.clear()
+    frames_box.send_keys("4")
+    d.set_script_timeout(30)
+    size = d.execute_async_script(RECORD_AND_PICK_CLIP)
+    assert size > 0, "the browser recorded an empty clip"
+    wait_for(d, lambda d: d.find_elements(By.CSS_SELECTOR, "#pending img"), 20, "the video's thumbnail")
+    assert not d.find_elements(By.CSS_SELECTOR, ".msg.error"), d.find_element(By.CSS_SELECTOR, ".msg.error").text
+    assert "4 frames" in d.find_element(By.ID, "pending").get_attribute("innerHTML")
+
+    d.execute_script(RECORD_REQUESTS)
+    d.find_element(By.ID, "question").send_keys("What happens in this video?")
+    d.find_element(By.ID, "send").click()
+    reply = wait_for(d, lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant[data-done]"), 120,
+                     "the streamed reply")[0]
+    assert not d.find_elements(By.CSS_SELECTOR, ".msg.error"), d.find_element(By.CSS_SELECTOR, ".msg.error").text
+    text = reply.find_element(By.CSS_SELECTOR, ".text").text
+    assert text.strip(), "empty reply"
+
+    sent = json.loads(d.execute_script("return window.sentBodies[0];"))
+    parts = sent["messages"][-1]["content"]
+    video = [p for p in parts if p["type"] == "video"]
+    assert len(video) == 1 and len(video[0]["frames"]) == 4
+    assert not [p for p in parts if p["type"] == "image_url"]
+
+    # each frame is one colour of the clip, in order (spread evenly: the middle of each quarter)
+    expected = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0]])
+    for url, colour in zip(video[0]["frames"], expected):
+        assert url.startswith("data:image/jpeg;base64,")
+        im = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB")
+        assert im.size == (96, 64)
+        mean = np.asarray(im, dtype=np.float64).reshape(-1, 3).mean(0)
+        assert np.abs(mean - colour).max() < 40, (mean, colour)
+
+    # the API gives the same reply to the same request
+    status, out = page_server.chat({**sent, "stream": False})
+    assert status == 200 and out["choices"][0]["message"]["content"] == text
