@@ -7,6 +7,7 @@
     optim.py            parameter groups (weight decay) and the LR schedule
     checkpoint.py       complete-or-absent checkpoints, resume, RNG state
     validation.py       the validation pass: token-mean loss over a held-out set (data/split.py), every eval_every steps
+    quick_eval.py       eval_run: an `otterfast eval run` YAML on the model at each checkpoint, scores in the metrics
     metrics.py          per-step console line, metrics.jsonl, TensorBoard, wandb; MFU
     export.py           the consolidated transformers export (ZeRO-3 gathered)
     plot.py             loss and throughput curves (`otterfast plot`)

@@ -48,6 +48,17 @@ class ValidationSection:
 
 
 @dataclass
+class EvalRunSection:
+    """A quick `otterfast eval run` on the model at each checkpoint (train/quick_eval.py, docs/train.md)."""
+
+    config: str | None = None  # an `otterfast eval run` YAML; its `models` and `output` are replaced by the run's
+    limit: int | None = 50  # rows per dataset (null: the YAML's own limit, or every row)
+    decode: dict | None = None  # decode settings for the run's model (max_new_tokens, num_beams, ...)
+    dtype: str | None = None  # the evaluated model's dtype (default: as exported)
+    keep_export: bool = False  # keep OUTPUT_DIR/evals/step_N/export (the model's full size each time)
+
+
+@dataclass
 class DataSection:
     index: str | None = None  # a prepared index dir (`otterfast data prepare`); with `yaml`: where to prepare it
     yaml: str | None = None  # or a dataset YAML (MIMIC-IT), prepared once by rank 0 into `index`
@@ -113,6 +124,8 @@ class TrainConfig:
     # a validation pass every N optimizer steps (and at the run's last step) when data.validation holds a set;
     # 0 / null: only at the last step
     eval_every: int | None = None
+    # a quick `otterfast eval run` at each checkpoint (save_every) and at the run's last step
+    eval_run: EvalRunSection = field(default_factory=EvalRunSection)
     keep_last: int = 2  # complete checkpoints kept (older ones deleted after a newer one is complete); 0: all
     resume: str = "auto"  # auto (newest complete checkpoint in output_dir, if any) | off | a checkpoint path
     stop_at_step: int | None = None  # end this process after that step (checkpoint saved), schedule unchanged
@@ -197,6 +210,16 @@ def validate(cfg: TrainConfig) -> None:
             "not both")
     if v.max_batches is not None and v.max_batches < 1:
         bad("data.validation.max_batches must be >= 1")
+    if cfg.eval_run.limit is not None and cfg.eval_run.limit < 1:
+        bad("eval_run.limit must be >= 1 (or null: every row)")
+    if cfg.eval_run.config is None and (cfg.eval_run.decode or cfg.eval_run.dtype or cfg.eval_run.keep_export):
+        bad("eval_run: set eval_run.config (an `otterfast eval run` YAML) for its other keys to mean anything")
+    if cfg.eval_run.decode:
+        from ..eval.runner import DECODE_KEYS
+
+        unknown = sorted(set(cfg.eval_run.decode) - set(DECODE_KEYS))
+        if unknown:
+            bad(f"eval_run.decode: unknown key(s) {unknown}; valid: {list(DECODE_KEYS)}")
     if cfg.eval_every is not None and cfg.eval_every < 0:
         bad("eval_every must be >= 0")
     if cfg.eval_every and v.fraction is None and v.yaml is None and v.index is None:

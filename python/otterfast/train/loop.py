@@ -391,6 +391,7 @@ class Run:
         self.precision = precision
         self.config_yaml, self.say = config_yaml, say
         self.step, self.tokens_seen, self.last_saved = 0, 0, None
+        self.quick_eval = None  # step -> eval_* metrics (train/quick_eval.py), when eval_run is configured
         self.plan_key = plan_fingerprint(cfg, plan, world)
 
     def resume(self, path: str) -> None:
@@ -448,11 +449,20 @@ def _train(cfg, rank: int, world: int, device) -> dict:
     ds = ds_config(cfg, precision, cfg.data.loader.batch_size, world)  # one config: zero.Init and the engine
     model, arch, flops = setup_model(cfg, index, precision, ds)
     plan = setup_data(cfg, index, index_dir, rank, world, PreparedIndex(val_dir) if val_dir else None)
+    quick = None
+    if cfg.eval_run.config:  # checked now, not at the first checkpoint
+        from .quick_eval import QuickEval
+
+        quick = QuickEval(cfg.eval_run, arch, out, str(device))
     engine, counts = setup_engine(cfg, model, plan, ds, device)
     say(f"model {arch}: {counts['trainable'] / 1e6:.2f}M trainable ({counts['decay'] / 1e6:.2f}M with weight decay), "
         f"{counts['frozen'] / 1e6:.2f}M frozen; precision {precision}; ZeRO {cfg.deepspeed.zero_stage}; "
         f"activation checkpointing {cfg.model.activation_checkpointing}; {world} rank(s) on {device.type}")
     run = Run(cfg, engine, plan, rank, world, precision, dump(cfg), say)
+    lc = plan.loader.cfg
+    export_meta = {"format": index.format, "image_transform": lc.image_transform, "image_size": lc.image_size}
+    if quick is not None:
+        run.quick_eval = lambda step: quick.run(engine, model, step, index_dir, rank, export_meta)
     if resume_from:
         run.resume(resume_from)
     else:
@@ -460,7 +470,6 @@ def _train(cfg, rank: int, world: int, device) -> dict:
     if rank == 0:
         with open(os.path.join(out, "config.yaml"), "w") as f:
             f.write(run.config_yaml)
-    lc = plan.loader.cfg
     say(f"{plan.total} optimizer steps ({cfg.grad_accum} micro-batch(es) of {lc.batch_size} row(s) x {world} rank(s) "
         f"each; {plan.epoch_len(0)} batches per rank in epoch 0); warmup {plan.warmup}; schedule {cfg.schedule.name}; "
         f"output {out}")
@@ -470,12 +479,16 @@ def _train(cfg, rank: int, world: int, device) -> dict:
                 f"{sp.groups} groups of related samples, split seed {sp.seed})") if sp else f"{vs.source}"
         say(f"validation: {held}; {vs.samples} samples in {len(vs.batches)} batch(es) per pass"
             + (f", every {cfg.eval_every} steps and" if cfg.eval_every else "") + " at the last step")
+    if quick is not None:
+        names = ", ".join(d.get("name") or d["task"] for d in quick.doc["datasets"])
+        when = f"every checkpoint (save_every {cfg.save_every}) and " if cfg.save_every else ""
+        say(f"quick eval: {cfg.eval_run.config} ({names}; limit {cfg.eval_run.limit}) at {when}the last step; "
+            f"results in {os.path.join(out, 'evals')}")
     summary = _loop(run, device, flops)
     if summary["finished"] and cfg.export:
         from .export import export
 
-        path = export(engine, model, out, index_dir, rank,
-                      meta={"format": index.format, "image_transform": lc.image_transform, "image_size": lc.image_size})
+        path = export(engine, model, out, index_dir, rank, meta=export_meta)
         say(f"export (transformers, safetensors) {path}")
         summary["export"] = os.path.join(out, "export")
     say(f"done: step {run.step}/{plan.total}" + ("" if run.step >= plan.total else " (stopped early: stop_at_step)"))
@@ -523,6 +536,9 @@ def _loop(run: Run, device, flops) -> dict:
             rec = _record(run, r, gn, lr, timer.lap(), loader.state_dict(), flops, peak, device)
             if plan.val is not None and (run.step == plan.total or (cfg.eval_every and run.step % cfg.eval_every == 0)):
                 rec.update(_validate(engine, plan.val, device))
+            at_checkpoint = run.step == stop_at or (cfg.save_every and run.step % cfg.save_every == 0)
+            if run.quick_eval is not None and at_checkpoint:
+                rec.update(run.quick_eval(run.step))
             metrics.log(rec)
             summary["losses"].append(r.loss)
             if gn is not None and not math.isfinite(gn):

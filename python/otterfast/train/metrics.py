@@ -3,6 +3,8 @@ TensorBoard, and wandb when configured and installed.
 
 A step with a validation pass carries its `val_*` keys (val_loss, val_tokens, ...: train/validation.py) in the same
 metrics.jsonl line; TensorBoard and wandb get them as `val/loss`, `val/tokens`, ..., the others as `train/...`.
+A step with a quick eval (a checkpoint step with `eval_run` set: train/quick_eval.py) carries `eval_<dataset>_<metric>`
+and `eval_s`, logged as `eval/...`.
 
 MFU = achieved model FLOP/s per device / the device's peak dense bf16 FLOP/s, where achieved FLOP/s =
 flops_per_token(model, L) * non-pad tokens/s per device and `flops_per_token` is the model's own estimate
@@ -118,8 +120,13 @@ class Metrics:
 
 
 def scalar_name(key: str) -> str:
-    """TensorBoard / wandb tag of a metrics key: `val_loss` -> `val/loss`, `loss` -> `train/loss`."""
-    return f"val/{key[4:]}" if key.startswith("val_") else f"train/{key}"
+    """TensorBoard / wandb tag of a metrics key: `val_loss` -> `val/loss`, `eval_pope_accuracy` ->
+    `eval/pope_accuracy` (the quick eval, train/quick_eval.py), `loss` -> `train/loss`."""
+    if key.startswith("val_"):
+        return f"val/{key[4:]}"
+    if key.startswith("eval_"):
+        return f"eval/{key[5:]}"
+    return f"train/{key}"
 
 
 def format_line(r: dict) -> str:
@@ -132,6 +139,12 @@ def format_line(r: dict) -> str:
         parts.append(f"MFU {r['mfu']:.1%}")
     if "val_loss" in r:
         parts.append(f"val loss {r['val_loss']:.4f} ({r['val_tokens']} tokens, {r['val_s']:.1f}s)")
+    if "eval_s" in r:  # the quick eval: its accuracies on the console (at most 4), every score in metrics.jsonl
+        scores = {k[5:]: v for k, v in r.items() if k.startswith("eval_") and k != "eval_s"}
+        shown = [k for k in scores if k.endswith("_accuracy")][:4] or list(scores)[:4]
+        more = f", +{len(scores) - len(shown)} in metrics.jsonl" if len(scores) > len(shown) else ""
+        parts.append("eval " + (", ".join(f"{k} {scores[k]:.3f}" for k in shown) or "no numeric scores") + more
+                     + f" ({r['eval_s']:.1f}s)")
     return " | ".join(parts)
 
 
