@@ -12,7 +12,8 @@ Backends, each in its own process pinned to the same cores (1 core, then all cor
   JPEG decode: draft decoding is opt-in).
 Datasets: generated photos written as Otter's tools write them (`--layouts otter`: pandas `to_parquet` defaults, one
 row group) and in small row groups (`small`); on Otter's layout the native loader runs on the index as prepared and
-after `otterfast data repack` (its one-time cost reported). Measured per backend after the first batch: samples/s,
+after `otterfast data repack` and with `otterfast data cache-pixels` (the pixels of every image decoded once, read by
+every later epoch; each one-time cost reported). Measured per backend after the first batch: samples/s,
 images/s, decoded source MP/s, non-pad tokens/s, padding; peak RSS (with workers: the main process plus each
 worker's peak, fork-shared pages counted in each); construction to first batch. Rounds interleaved (order rotates),
 medians reported. The decode floor: the same images decoded on one core, by PIL and by the native decoder.
@@ -205,7 +206,8 @@ def worker(a) -> dict:
     return {"backend": a.worker, ("workers" if a.worker.startswith("otter") else "threads"): a.threads,
             "cores": a.threads, "samples_per_s": samples / dt, "images_per_s": images / dt, "mp_per_s": mp / dt,
             "tokens_per_s": tokens / dt, "padding_fraction": 1 - tokens / slots if slots else 0.0,
-            "peak_rss_mb": hwm_mb() + children_hwm_mb(), "first_batch_s": first, "samples_measured": samples}
+            "peak_rss_mb": hwm_mb() + children_hwm_mb(), "first_batch_s": first, "samples_measured": samples,
+            "pixel_cache": int(bool(getattr(loader, "pixel_cache", None)))}
 
 
 def decode_floor(index: str, n: int = 300) -> dict:
@@ -257,19 +259,41 @@ def run_worker(index: str, backend: str, threads: int, a) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run_repack(index: str) -> dict:
-    """`otterfast data repack` in its own process: seconds and peak RSS."""
+def _run_once(call: str, index: str, what: str) -> dict:
+    """`call` (a Python expression on sys.argv[1]) in its own process: seconds and peak RSS."""
     # VmHWM, not getrusage's ru_maxrss: Linux keeps ru_maxrss across execve, so a child would report this
     # process's peak (measured: 4.4 GB after generating the photos, for a repack that peaks at 0.7 GB)
-    code = ("import json,sys,time;from otterfast.data.repack import repack;from report import hwm_mb;"
-            "t=time.perf_counter();repack(sys.argv[1], log=lambda *_: None);"
+    code = ("import json,sys,time;from report import hwm_mb;" + call.split(";", 1)[0] + ";"
+            "t=time.perf_counter();" + call.split(";", 1)[1] + ";"
             "print(json.dumps({'seconds': time.perf_counter()-t, 'peak_rss_mb': hwm_mb()}))")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.abspath(__file__)),
                                                         os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run([sys.executable, "-c", code, index], capture_output=True, text=True, env=env)
     if out.returncode:
-        raise RuntimeError(f"repack failed:\n{out.stderr[-3000:]}")
+        raise RuntimeError(f"{what} failed:\n{out.stderr[-3000:]}")
     return {k: round(v, 2) for k, v in json.loads(out.stdout.strip().splitlines()[-1]).items()}
+
+
+def run_repack(index: str) -> dict:
+    """`otterfast data repack` in its own process: seconds and peak RSS."""
+    return _run_once("from otterfast.data.repack import repack;repack(sys.argv[1], log=lambda *_: None)", index,
+                     "repack")
+
+
+def run_cache_pixels(index: str, threads: int) -> dict:
+    """`otterfast data cache-pixels` (the native loader's default transform, Otter's 224 square) in its own process
+    on `threads` cores: seconds, peak RSS and the cache's size."""
+    before = os.sched_getaffinity(0)
+    pin_cores(threads)  # inherited by the child; restored below
+    try:
+        r = _run_once("from otterfast.data.pixel_cache import build;"
+                      f"build(sys.argv[1], transform='otter', size=224, threads={threads})", index, "cache-pixels")
+    finally:
+        os.sched_setaffinity(0, before)
+    r["mib"] = round(sum(os.path.getsize(os.path.join(index, "pixels", f)) for f in os.listdir(
+        os.path.join(index, "pixels"))) / 2**20, 1)
+    r["threads"] = threads
+    return r
 
 
 def bench_cases(cases: list[tuple[str, str, list[tuple[str, int]]]], a) -> list[dict]:
@@ -316,7 +340,11 @@ def markdown(report: dict) -> str:
                   f"Decode floor on one core (same images to RGB): PIL {d['decode_floor']['pil']} MP/s, native "
                   f"{d['decode_floor']['native']} MP/s." + (f" `otterfast data repack`: {d['repack']['seconds']} s once, "
                                                              f"peak RSS {d['repack']['peak_rss_mb']:.0f} MB."
-                                                             if d.get("repack") else ""), "",
+                                                             if d.get("repack") else "")
+                  + (f" `otterfast data cache-pixels` on {d['cache_pixels']['threads']} cores: "
+                     f"{d['cache_pixels']['seconds']} s once, {d['cache_pixels']['mib']} MiB on disk, peak RSS "
+                     f"{d['cache_pixels']['peak_rss_mb']:.0f} MB; the rows with it are every epoch after the one "
+                     "that paid for it (bit-identical batches)." if d.get("cache_pixels") else ""), "",
                   "| index | backend | cores | samples/s | vs otter_style, same cores | MP/s | tokens/s | padding | "
                   "peak RSS MB | first batch s |", "|---|---|---|---|---|---|---|---|---|---|"]
         base = {r["cores"]: r["samples_per_s"] for case in d["cases"] for r in case["results"]
@@ -404,6 +432,10 @@ def main(argv=None) -> int:
                 shutil.copytree(out, rp)
                 entry["repack"] = run_repack(rp)
                 cases.append(("after data repack", rp, [("native", c) for c in on]))
+                pc = out + "-pixel-cache"
+                shutil.copytree(out, pc)
+                entry["cache_pixels"] = run_cache_pixels(pc, max(cores))
+                cases.append(("with data cache-pixels", pc, [("native", c) for c in on]))
             from otterfast.data.index import PreparedIndex
 
             idx = PreparedIndex(out)

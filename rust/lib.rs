@@ -9,6 +9,7 @@
 //!   index.rs    the prepared index, checked             config.rs  the loader options (LoaderConfig)
 //!   pack.rs     the epoch plan                          pipeline.rs  producer thread, pool, queue
 //!   error.rs    the one error type                    limits.rs  the largest image and resize allowed
+//!   pixel_cache.rs  images as 8-bit squares, decoded once
 //!
 //! Every function releases the GIL around its work and turns failures into Python exceptions (through
 //! `From<Error> for PyErr` below) or per-item error codes, never panics.
@@ -24,6 +25,7 @@ pub mod layout;
 pub mod limits;
 pub mod pack;
 pub mod pipeline;
+pub mod pixel_cache;
 pub mod pixels;
 pub mod shard;
 pub mod transform;

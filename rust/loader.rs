@@ -16,6 +16,7 @@ use crate::index::IndexData;
 use crate::layout::BatchOut;
 use crate::pack;
 use crate::pipeline::{self, Running};
+use crate::pixel_cache::{self, PixelCache};
 use crate::pixels::Pixels;
 
 /// `from_py_with` for IndexData's arrays: a 1-D int32 or int64 numpy array (contiguous) as a Vec of `T`,
@@ -59,6 +60,7 @@ pub struct PyNativeLoader {
     // A Mutex only to make the class Sync for PyO3; every method takes &mut self, so it is never contended.
     running: std::sync::Mutex<Option<Running>>,
     pool: std::sync::Mutex<pipeline::Pool>,
+    cache: Option<Arc<PixelCache>>,
 }
 
 #[pymethods]
@@ -75,7 +77,23 @@ impl PyNativeLoader {
             cfg: Arc::new(config),
             running: std::sync::Mutex::new(None),
             pool: std::sync::Mutex::new(pipeline::Pool::default()),
+            cache: None,
         })
+    }
+
+    /// Read Otter / CLIP squares from the pixel cache at `path` (data/pixel_cache.py checked that it was built
+    /// for this index and this transform) instead of decoding them; `failed`: image rows it does not hold.
+    fn attach_pixel_cache(
+        &mut self,
+        py: Python<'_>,
+        path: String,
+        failed: Vec<u32>,
+    ) -> PyResult<()> {
+        let slot = Pixels::of(&self.index, &self.cfg).square_bytes();
+        let n = self.index.img_ids.len();
+        let cache = py.detach(move || PixelCache::open(&path, slot, n, &failed))?;
+        self.cache = Some(Arc::new(cache));
+        Ok(())
     }
 
     /// Start producing `batches` (batches of rows of index sample rows) on a fresh thread and the loader's pool.
@@ -104,6 +122,7 @@ impl PyNativeLoader {
             self.index.clone(),
             self.cfg.clone(),
             batches,
+            self.cache.clone(),
             pool,
         )?);
         Ok(())
@@ -217,6 +236,42 @@ fn plan_batches(
     .map_err(PyErr::from)
 }
 
+/// Write the pixel cache of `index` (pixel_cache.rs) for transform `mode` ("otter" / "clip") at `size` to `path`
+/// with `threads` threads (0: all cores), reading `window_mb` MiB of stored images at a time. Returns the image
+/// rows that could not be cached: (row, error code, message).
+#[pyfunction]
+#[pyo3(signature = (index, path, mode, size=224, jpeg_draft=false, threads=0, window_mb=256))]
+#[allow(clippy::too_many_arguments)]
+fn build_pixel_cache(
+    py: Python<'_>,
+    index: IndexData,
+    path: String,
+    mode: String,
+    size: u32,
+    jpeg_draft: bool,
+    threads: usize,
+    window_mb: usize,
+) -> PyResult<Vec<(u32, &'static str, String)>> {
+    let pixels = Pixels::named(&mode, size, 1, 1)?;
+    let failed = py.detach(move || {
+        index.check()?;
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("otterfast-cache-{i}"))
+            .build()
+            .map_err(|e| Error::Runtime(format!("cannot start threads: {e}")))?;
+        pixel_cache::build(
+            &index,
+            pixels,
+            jpeg_draft,
+            std::path::Path::new(&path),
+            &pool,
+            window_mb.max(1) << 20,
+        )
+    })?;
+    Ok(failed)
+}
+
 /// Decode + transform one encoded image: mode "otter" / "clip" -> (3, size, size) float32;
 /// "fuyu" -> (rows * cols, 2700) float32 patches, with (rows, cols). Sizes refused as the loader refuses
 /// them (limits.rs, `max_pixels` as the index's --max-image-pixels).
@@ -277,5 +332,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(plan_batches, m)?)?;
     m.add_function(wrap_pyfunction!(transform_image, m)?)?;
     m.add_function(wrap_pyfunction!(decode_image, m)?)?;
+    m.add_function(wrap_pyfunction!(build_pixel_cache, m)?)?;
     Ok(())
 }

@@ -16,6 +16,7 @@ use crate::error::{catch_panic, panic_message, Error, Result};
 use crate::index::IndexData;
 use crate::layout::{layout, BatchOut};
 use crate::pack::Batch;
+use crate::pixel_cache::PixelCache;
 use crate::pixels::Pixels;
 
 /// Lay out `batch` and decode its images. An image that fails either ends the epoch with an error naming
@@ -25,6 +26,7 @@ fn build_batch(
     cfg: &Config,
     batch: &Batch,
     blobs: &Blobs,
+    cache: Option<&PixelCache>,
     pool: &rayon::ThreadPool,
 ) -> Result<BatchOut> {
     let pixels = Pixels::of(ix, cfg);
@@ -47,6 +49,11 @@ fn build_batch(
                 .filter_map(|(part, slot)| {
                     let img = slot.img;
                     let r = match blobs.get(&img) {
+                        // Not read: it is in the pixel cache (produce); the same u8 square, normalised alike.
+                        None if cache.is_some_and(|c| c.has(img)) => cache
+                            .map(|c| c.read(img))
+                            .unwrap_or_else(|| Err(Error::Runtime("internal: no cache".into())))
+                            .and_then(|sq| pixels.normalise(&sq, part)),
                         // A panic in decoding or transforming is this image's failure (named, skippable),
                         // not the epoch's.
                         Some(Ok(b)) => catch_panic(
@@ -99,13 +106,23 @@ fn build_batch(
 
 type Queue = SyncSender<Result<BatchOut>>;
 
-fn produce(ix: &IndexData, cfg: &Config, batches: Vec<Batch>, tx: &Queue, pool: &rayon::ThreadPool) {
+fn produce(
+    ix: &IndexData,
+    cfg: &Config,
+    batches: Vec<Batch>,
+    tx: &Queue,
+    cache: Option<&PixelCache>,
+    pool: &rayon::ThreadPool,
+) {
     let mut start = 0usize;
     while start < batches.len() {
-        let (end, imgs) = blobs::next_window(ix, cfg, &batches, start);
+        let (end, mut imgs) = blobs::next_window(ix, cfg, &batches, start);
+        if let Some(c) = cache {
+            imgs.retain(|&img| !c.has(img)); // their squares come from the cache, not the tables
+        }
         let blobs = blobs::read_blobs(ix, &imgs, pool);
         for batch in &batches[start..end] {
-            let res = build_batch(ix, cfg, batch, &blobs, pool);
+            let res = build_batch(ix, cfg, batch, &blobs, cache, pool);
             let failed = res.is_err();
             if tx.send(res).is_err() || failed {
                 return; // the consumer went away, or we reported an error and stop
@@ -159,6 +176,7 @@ pub fn spawn(
     ix: Arc<IndexData>,
     cfg: Arc<Config>,
     batches: Vec<Batch>,
+    cache: Option<Arc<PixelCache>>,
     pool: Arc<rayon::ThreadPool>,
 ) -> Result<Running> {
     let (tx, rx) = sync_channel(cfg.prefetch.max(1));
@@ -167,7 +185,9 @@ pub fn spawn(
         .spawn(move || {
             // Data-dependent steps catch their own panics (per image, per row group); one reaching here is
             // a bug in this crate, reported with its message rather than as a dead queue.
-            let r = catch_unwind(AssertUnwindSafe(|| produce(&ix, &cfg, batches, &tx, &pool)));
+            let r = catch_unwind(AssertUnwindSafe(|| {
+                produce(&ix, &cfg, batches, &tx, cache.as_deref(), &pool)
+            }));
             if let Err(payload) = r {
                 let _ = tx.send(Err(Error::Runtime(format!(
                     "internal error: the loader thread panicked: {}",

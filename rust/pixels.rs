@@ -3,7 +3,7 @@
 //! by the batch pipeline and the single-image binding used by tests.
 
 use crate::config::{Config, ImageTransform};
-use crate::decode::decode_stored;
+use crate::decode::{decode_stored, Rgb};
 use crate::error::{Error, Result};
 use crate::index::IndexData;
 use crate::transform;
@@ -82,6 +82,54 @@ impl Pixels {
             Pixels::Fuyu { max_h, max_w } => {
                 transform::fuyu_patches_into(&rgb, max_h, max_w, slot).map(|_| ())
             }
+        }
+    }
+
+    /// Otter's or CLIP's 8-bit `size x size` image before normalisation (pixel_cache.rs stores these);
+    /// `write` is `square` then `normalise`.
+    pub fn square(
+        self,
+        blob: &[u8],
+        is_base64: bool,
+        jpeg_draft: bool,
+        max_pixels: u64,
+    ) -> Result<Rgb> {
+        let rgb = decode_stored(blob, is_base64, self.draft(jpeg_draft), max_pixels)?;
+        match self {
+            Pixels::Otter { size } => transform::otter_square(&rgb, size),
+            Pixels::Clip { size } => transform::clip_square(&rgb, size, max_pixels),
+            Pixels::Fuyu { .. } => Err(Error::Invalid(
+                "Fuyu patches have no fixed-size square to cache".into(),
+            )),
+        }
+    }
+
+    /// The bytes of one `square` (HWC u8) -> the model's pixels in `slot`, as `write` normalises them.
+    pub fn normalise(self, square: &[u8], slot: &mut [f32]) -> Result<()> {
+        let (mean, std) = match self {
+            Pixels::Otter { .. } => (transform::FLAMINGO_MEAN, transform::FLAMINGO_STD),
+            Pixels::Clip { .. } => (transform::CLIP_MEAN, transform::CLIP_STD),
+            Pixels::Fuyu { .. } => {
+                return Err(Error::Invalid(
+                    "Fuyu patches have no fixed-size square to cache".into(),
+                ))
+            }
+        };
+        if square.len() != self.square_bytes() {
+            return Err(Error::Runtime(format!(
+                "internal: a cached square of {} bytes, {} expected",
+                square.len(),
+                self.square_bytes()
+            )));
+        }
+        transform::normalise_hwc(square, mean, std, slot)
+    }
+
+    /// Bytes of one `square`: 3 * size^2 (0 for Fuyu, which has none).
+    pub fn square_bytes(self) -> usize {
+        match self {
+            Pixels::Otter { size } | Pixels::Clip { size } => 3 * (size as usize).pow(2),
+            Pixels::Fuyu { .. } => 0,
         }
     }
 

@@ -41,14 +41,27 @@ pub fn resize(img: &Rgb, width: u32, height: u32, filter: FilterType) -> Result<
 }
 
 /// HWC u8 -> CHW f32, normalised, into `out` (3 * width * height values).
-fn normalise_chw(img: &Rgb, mean: [f32; 3], std: [f32; 3], out: &mut [f32]) -> Result<()> {
+pub fn normalise_chw(img: &Rgb, mean: [f32; 3], std: [f32; 3], out: &mut [f32]) -> Result<()> {
     let n = img.width as usize * img.height as usize;
     // The slot comes from the batch layout; a mismatch is a bug here, reported rather than a slice panic.
-    if out.len() != 3 * n || img.data.len() != 3 * n {
+    if img.data.len() != 3 * n {
         return Err(Error::Runtime(format!(
-            "internal: {}x{} pixels for a slot of {} values",
+            "internal: {} bytes for {}x{} pixels",
+            img.data.len(),
             img.width,
-            img.height,
+            img.height
+        )));
+    }
+    normalise_hwc(&img.data, mean, std, out)
+}
+
+/// `normalise_chw` on bare HWC bytes (a pixel cache's slot): `out` holds as many values as `hwc` bytes.
+pub fn normalise_hwc(hwc: &[u8], mean: [f32; 3], std: [f32; 3], out: &mut [f32]) -> Result<()> {
+    let n = hwc.len() / 3;
+    if out.len() != 3 * n || hwc.len() != 3 * n {
+        return Err(Error::Runtime(format!(
+            "internal: {} pixel bytes for a slot of {} values",
+            hwc.len(),
             out.len()
         )));
     }
@@ -60,7 +73,7 @@ fn normalise_chw(img: &Rgb, mean: [f32; 3], std: [f32; 3], out: &mut [f32]) -> R
         }
         let plane = &mut out[c * n..(c + 1) * n];
         for (i, v) in plane.iter_mut().enumerate() {
-            *v = lut[img.data[i * 3 + c] as usize];
+            *v = lut[hwc[i * 3 + c] as usize];
         }
     }
     Ok(())
@@ -68,8 +81,12 @@ fn normalise_chw(img: &Rgb, mean: [f32; 3], std: [f32; 3], out: &mut [f32]) -> R
 
 /// Otter's training transform: Resize((size, size), BICUBIC), ToTensor, Normalize(FLAMINGO stats).
 pub fn otter_pixels_into(img: &Rgb, size: u32, out: &mut [f32]) -> Result<()> {
-    let r = resize(img, size, size, FilterType::CatmullRom)?;
-    normalise_chw(&r, FLAMINGO_MEAN, FLAMINGO_STD, out)
+    normalise_chw(&otter_square(img, size)?, FLAMINGO_MEAN, FLAMINGO_STD, out)
+}
+
+/// Otter's 8-bit `size x size` image before normalisation (what a pixel cache stores).
+pub fn otter_square(img: &Rgb, size: u32) -> Result<Rgb> {
+    resize(img, size, size, FilterType::CatmullRom)
 }
 
 pub fn otter_pixels(img: &Rgb, size: u32, out: &mut Vec<f32>) -> Result<()> {
@@ -113,6 +130,16 @@ pub fn clip_resized_size(
 
 /// CLIPImageProcessor: shortest edge -> size (bicubic, long side truncated), centre crop, CLIP stats.
 pub fn clip_pixels_into(img: &Rgb, size: u32, max_pixels: u64, out: &mut [f32]) -> Result<()> {
+    normalise_chw(
+        &clip_square(img, size, max_pixels)?,
+        CLIP_MEAN,
+        CLIP_STD,
+        out,
+    )
+}
+
+/// CLIP's 8-bit `size x size` crop before normalisation (what a pixel cache stores).
+pub fn clip_square(img: &Rgb, size: u32, max_pixels: u64) -> Result<Rgb> {
     let (nw, nh) = clip_resized_size(img.width, img.height, size, max_pixels)?;
     let r = resize(img, nw, nh, FilterType::CatmullRom)?;
     // Both sides are >= size (the short one is size, the long one size * long / short); a resize that
@@ -130,16 +157,11 @@ pub fn clip_pixels_into(img: &Rgb, size: u32, max_pixels: u64, out: &mut [f32]) 
             .ok_or_else(bug)?;
         crop.extend_from_slice(px);
     }
-    normalise_chw(
-        &Rgb {
-            width: size,
-            height: size,
-            data: crop,
-        },
-        CLIP_MEAN,
-        CLIP_STD,
-        out,
-    )
+    Ok(Rgb {
+        width: size,
+        height: size,
+        data: crop,
+    })
 }
 
 /// FuyuImageProcessor's resize rule: shrink to fit keeping the aspect ratio, never upscale.

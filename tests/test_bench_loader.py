@@ -1,5 +1,6 @@
 """`otterfast bench loader` end to end at a tiny size: equal cores on both sides, each entry says its workers or
-threads, Otter's layout gets the repacked variant."""
+threads, Otter's layout gets the repacked and
+the pixel-cache variants."""
 
 from __future__ import annotations
 
@@ -18,7 +19,10 @@ def test_bench_loader_generated_otter_layout(tmp_path):
     (d,) = r["datasets"]
     assert d["repack"]["seconds"] > 0 and d["decode_floor"]["pil"] > 0 and d["decode_floor"]["native"] > 0
     labels = {c["label"]: c["results"] for c in d["cases"]}
-    assert set(labels) == {"as prepared", "after data repack"}
+    assert set(labels) == {"as prepared", "after data repack", "with data cache-pixels"}
+    assert d["cache_pixels"]["seconds"] > 0 and d["cache_pixels"]["mib"] > 0
+    used = {c: [x["pixel_cache"] for x in rs if x["backend"] == "native"] for c, rs in labels.items()}
+    assert used == {"as prepared": [0], "after data repack": [0], "with data cache-pixels": [1]}
     prepared = {x["backend"]: x for x in labels["as prepared"]}
     assert prepared["otter_style"]["workers"] == 1 and prepared["native"]["threads"] == 1
     for x in [x for rs in labels.values() for x in rs]:

@@ -55,6 +55,10 @@ class NativeLoader:
         and image id when an image cannot be read or decoded (unless skipping), or when a row handed to `start`
         overflows the packing capacity; RuntimeError for the engine's own failures. Waits without the GIL."""
     def stop(self) -> None: ...
+    def attach_pixel_cache(self, path: str, failed: list[int]) -> None:
+        """Read Otter / CLIP squares from the pixel cache at `path` (see `build_pixel_cache`; data/pixel_cache.py
+        checks it was built for this index and transform) from the next `start` on; `failed`: the rows it does not
+        hold, decoded as before. ValueError when its size does not match the index or for a Fuyu index."""
 
 def plan_batches(
     lengths: list[int], order: list[int], batch_size: int, pack: bool, capacity: int, window: int,
@@ -71,6 +75,15 @@ def transform_image(
     with jpeg_draft, JPEGs are decoded as by `decode_image(data, draft=size)`. ValueError on bad bytes or mode,
     and (before anything is allocated) on a size the loaders refuse (rust/limits.rs, data/images.py
     `size_defect`): "extreme aspect ratio: ..." or "image too large: ..." (max_pixels: --max-image-pixels)."""
+
+def build_pixel_cache(index: NativeIndex, path: str, mode: str, size: int = 224, jpeg_draft: bool = False,
+                      threads: int = 0, window_mb: int = 256) -> list[tuple[int, str, str]]:
+    """Write every image of `index` as the 8-bit `size x size` square of transform `mode` ("otter" / "clip") before
+    normalisation, one slot of 3 * size^2 bytes per image row, to `path` (through `path` with the extension
+    `.partial`, fsynced, then renamed). Reads `window_mb` MiB of stored images at a time in storage order, decodes on
+    `threads` threads (0: all cores), GIL released. Returns the rows not cached: (row, error code, message naming
+    the file and image id). ValueError for a Fuyu transform or an index that contradicts itself; a write that
+    fails raises."""
 
 def decode_image(data: bytes, draft: int | None = None, max_pixels: int = 89_478_485) -> np.ndarray:
     """Decode to RGB like PIL's convert("RGB"): (height, width, 3) uint8. With `draft` (a size), greyscale and

@@ -86,6 +86,20 @@ def cmd_repack(a) -> int:
     return 0
 
 
+def cmd_cache_pixels(a) -> int:
+    from .pixel_cache import build
+
+    s = build(a.dir, transform=a.image_transform, size=a.image_size, jpeg_draft=a.jpeg_draft, threads=a.threads)
+    print(f"{a.dir}: {s['cached']} of {s['images']} images cached ({a.image_transform} {a.image_size} px, "
+          f"{s['bytes'] / 2**20:.1f} MiB) in {s['seconds']}s")
+    if s["failed"]:
+        kinds = ", ".join(f"{k} {n}" for k, n in s["failed_by_kind"].items())
+        print(f"  not cached (decoded as before by the loader, raised or skipped there): {kinds}")
+        for m in s["failed_examples"]:
+            print(f"  {m}")
+    return 0
+
+
 def print_summary(meta: dict, out: str) -> None:
     """What `prepare` wrote: counts, per dataset, defects skipped and truncations."""
     c = meta["counts"]
@@ -150,7 +164,7 @@ def cmd_inspect(a) -> int:
 
 def register(sub) -> None:
     """Add `data` and its sub-commands to the top-level sub-commands."""
-    data = sub.add_parser("data", help="MIMIC-IT data: demo, validate, prepare, repack, inspect")
+    data = sub.add_parser("data", help="MIMIC-IT data: demo, validate, prepare, repack, cache-pixels, inspect")
     dsub = data.add_subparsers(dest="data_command", required=True)
 
     x = dsub.add_parser("demo", help="build the demo dataset and tokenizer from photos in installed packages")
@@ -176,6 +190,16 @@ def register(sub) -> None:
     x.add_argument("dir", help="a prepared index folder")
     x.add_argument("--row-group-rows", type=int, default=64, help="images per row group (default 64)")
     x.set_defaults(func=cmd_repack)
+
+    x = dsub.add_parser("cache-pixels", help="decode every image of a prepared index once into Otter / CLIP pixels "
+                        "that the native loader reads in later epochs (bit-identical batches)")
+    x.add_argument("dir", help="a prepared index folder")
+    x.add_argument("--image-transform", default="otter", choices=["otter", "clip"],
+                   help="the transform training uses (data.loader.image_transform; default otter, as there)")
+    x.add_argument("--image-size", type=int, default=224, help="data.loader.image_size (default 224)")
+    x.add_argument("--jpeg-draft", action="store_true", help="for runs with data.loader.jpeg_draft on")
+    x.add_argument("--threads", type=int, default=0, help="decoding threads (default: all cores)")
+    x.set_defaults(func=cmd_cache_pixels)
 
     x = dsub.add_parser("inspect", help="print one prepared sample")
     x.add_argument("dir")

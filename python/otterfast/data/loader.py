@@ -21,6 +21,10 @@ or spans out of range, ...) raises DataError (a ValueError) naming the file and 
 State: `state_dict()` is {"epoch", "batches"}: the epoch and how many batches of it were yielded;
 `load_state_dict` resumes at exactly the next batch (the plan is recomputed from the seed, nothing is
 decoded for the skipped batches). Each `iter()` after a finished epoch moves to the next epoch.
+
+Pixel cache: with `otterfast data cache-pixels` run on the index, Otter / CLIP pixels are read from it instead
+of being decoded (bit-identical batches; `pixel_cache` option, data/pixel_cache.py); `self.pixel_cache` names
+the file in use, or is None.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from torch.utils.data import IterableDataset
 
 from .. import _native
 from . import images as imgs
+from . import pixel_cache
 from .batching import EpochPlanner, LoaderConfig, shard_batches
 from .defects import DataError
 from .index import PreparedIndex, arrow_numpy
@@ -163,8 +168,14 @@ class NativeLoader(IterableDataset):
     def _make_engine(self):
         # The options cross as the LoaderConfig itself (rust/config.rs reads its attributes), capacity resolved.
         config = dataclasses.replace(self.cfg, capacity=self.capacity)
+        c = self.cfg
+        cache = pixel_cache.find(self.index, c.image_transform, c.image_size, c.jpeg_draft, c.pixel_cache)
+        self.pixel_cache = cache[0] if cache else None
         try:
-            return _native.NativeLoader(NativeIndex.of(self.index), config)
+            engine = _native.NativeLoader(NativeIndex.of(self.index), config)
+            if cache:
+                engine.attach_pixel_cache(*cache)
+            return engine
         except ValueError as e:  # an index that contradicts itself: bad data, named by file and sample
             raise DataError(str(e)) from None
 
