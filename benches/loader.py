@@ -356,7 +356,22 @@ def markdown(report: dict) -> str:
                              f"{r['mp_per_s']:.1f} | {r['tokens_per_s']:.0f} | {r['padding_fraction']:.1%} | "
                              f"{r['peak_rss_mb']:.0f} | {r['first_batch_s']:.2f} |")
         lines.append("")
+        lines += _cache_amortised(d, base)
     return "\n".join(lines)
+
+
+def _cache_amortised(d: dict, base: dict) -> list[str]:
+    """Whole runs of E epochs with the pixel cache, its one-time build included, against Otter's path for E epochs
+    (at the cores the cache was built with): E * N / otter against build + E * N / cached."""
+    cp = d.get("cache_pixels")
+    cached = [r for c in d["cases"] if c["label"] == "with data cache-pixels" for r in c["results"]
+              if r["cores"] == cp["threads"]] if cp else []
+    if not cached or cp["threads"] not in base:
+        return []
+    n, otter, fast = d["samples"], base[cp["threads"]], cached[0]["samples_per_s"]
+    runs = [f"{e} epoch{'s' if e > 1 else ''} {e * n / otter / (cp['seconds'] + e * n / fast):.1f}x" for e in (1, 3, 10)]
+    return [f"Whole runs with the cache built first, its {cp['seconds']} s included, against Otter's path for the same "
+            f"epochs at {cp['threads']} cores: " + ", ".join(runs) + ".", ""]
 
 
 def _table_mib(index: str) -> float:

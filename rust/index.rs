@@ -2,7 +2,7 @@
 //! media's) slice, the image table, and the facts of the index's format and tokenizer.
 //!
 //! It crosses from Python in one piece: `IndexData` is extracted attribute by attribute from the dataclass
-//! `otterfast.data.loader.NativeIndex` (same field names), the image sources from `data.sources.ImageSource`.
+//! `otterfast.data.native_index.NativeIndex` (same field names), the image sources from `data.sources.ImageSource`.
 //! `check` then proves every offset and every image reference in range, once, so that the engine can
 //! index its slices without a bounds failure whatever the files on disk say.
 
@@ -42,7 +42,7 @@ pub struct Source {
     pub image_column: Option<String>,
 }
 
-/// The prepared index, flattened (field for field the dataclass data.loader.NativeIndex).
+/// The prepared index, flattened (field for field the dataclass data.native_index.NativeIndex).
 #[derive(Debug, Clone, FromPyObject)]
 pub struct IndexData {
     /// The index folder, for error messages.

@@ -1,6 +1,6 @@
 //! Python bindings of the loader: `NativeLoader` (the engine in pipeline.rs), the batch planner
 //! (pack.rs) and single-image decode/transform for tests. The index and the options cross as typed
-//! structures (`IndexData` from data.loader.NativeIndex, `Config` from data.batching.LoaderConfig); batches
+//! structures (`IndexData` from data.native_index.NativeIndex, `Config` from data.batching.LoaderConfig); batches
 //! cross as numpy arrays that own the Rust buffers (no copy); waiting for a batch releases the GIL.
 
 use std::str::FromStr;

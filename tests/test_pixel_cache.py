@@ -42,7 +42,7 @@ def _assert_identical(a, b, pix="pixel_values"):
 @pytest.mark.parametrize("transform,size,draft", [("otter", 224, False), ("clip", 224, False), ("clip", 64, True)])
 def test_cached_batches_are_bit_identical(index_copy, transform, size, draft):
     kw = dict(batch_size=2, seed=3, capacity=512, image_transform=transform, image_size=size, jpeg_draft=draft)
-    plain, before = _epochs(index_copy, pixel_cache="off", **kw)
+    plain, before = _epochs(index_copy, pixel_cache="never", **kw)
     assert plain.pixel_cache is None
     s = pixel_cache.build(index_copy, transform=transform, size=size, jpeg_draft=draft, threads=2)
     assert s["cached"] == s["images"] > 0 and s["failed"] == []
@@ -137,3 +137,32 @@ def test_the_loader_reads_the_cache_not_the_tables(index_copy):
     assert px.size
     mean, std = np.array([0.48145466, 0.4578275, 0.40821073]), np.array([0.26862954, 0.26130258, 0.27577711])
     assert np.allclose(px, (-mean / std).astype(np.float32)[None, :, None, None])
+
+
+def test_train_caches_pixels_for_runs_of_several_epochs(index_copy, monkeypatch, capsys):
+    import shutil as sh
+
+    from otterfast.train.config import load_config
+    from otterfast.train.loop import _cache_pixels
+
+    def cfg(**kw):
+        base = {"model": {"config": "configs/models/otterhd-tiny.yaml"}, "data": {"index": index_copy}}
+        return load_config(base, [f"{k}={v}" for k, v in kw.items()])
+
+    u8 = os.path.join(index_copy, "pixels", "otter-224.u8")
+    _cache_pixels(index_copy, cfg(epochs=1))  # one pass reads each image once: nothing to save
+    _cache_pixels(index_copy, cfg(epochs=3, **{"data.cache_pixels": "never"}))
+    _cache_pixels(index_copy, cfg(epochs=3, **{"data.loader.pixel_cache": "never"}))
+    assert not os.path.exists(u8)
+    real = sh.disk_usage
+    monkeypatch.setattr(sh, "disk_usage", lambda p: real(p)._replace(free=1000))
+    _cache_pixels(index_copy, cfg(epochs=3))  # would not fit in a quarter of the free disk
+    assert not os.path.exists(u8) and "not caching pixels" in capsys.readouterr().out
+    monkeypatch.setattr(sh, "disk_usage", real)
+    _cache_pixels(index_copy, cfg(epochs=3))
+    assert os.path.exists(u8) and "cached" in capsys.readouterr().out
+    assert NativeLoader(index_copy, pixel_cache="require").pixel_cache == u8
+    _cache_pixels(index_copy, cfg(epochs=3))  # there and valid: left alone
+    assert capsys.readouterr().out == ""
+    _cache_pixels(index_copy, cfg(epochs=1, **{"data.cache_pixels": "always", "data.loader.image_transform": "clip"}))
+    assert os.path.exists(os.path.join(index_copy, "pixels", "clip-224.u8"))

@@ -5,7 +5,7 @@ from collections.abc import Buffer
 import numpy as np
 
 from otterfast.data.batching import LoaderConfig
-from otterfast.data.loader import NativeIndex
+from otterfast.data.native_index import NativeIndex
 
 __version__: str
 

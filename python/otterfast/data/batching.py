@@ -58,7 +58,7 @@ class LoaderConfig:
     blob_window_mb: int = 256  # native only: ... and at most this many MiB of them
     # native only: Otter / CLIP pixels from the index's pixel cache (`otterfast data cache-pixels`, data/pixel_cache.py;
     # bit-identical batches): "auto" when one matches this index and image_transform / image_size / jpeg_draft,
-    # "off", or "require" (an error when there is none)
+    # "never", or "require" (an error when there is none)
     pixel_cache: str = "auto"
 
     @classmethod
@@ -73,8 +73,8 @@ class LoaderConfig:
             raise ValueError("on_error must be 'raise' or 'skip'")
         if cfg.image_transform not in ("otter", "clip"):
             raise ValueError("image_transform must be 'otter' or 'clip'")
-        if cfg.pixel_cache not in ("auto", "off", "require"):
-            raise ValueError("pixel_cache must be 'auto', 'off' or 'require'")
+        if cfg.pixel_cache not in ("auto", "never", "require"):
+            raise ValueError("pixel_cache must be 'auto', 'never' or 'require'")
         if cfg.batch_size < 1 or cfg.window < 1:
             raise ValueError("batch_size and window must be >= 1")
         return cfg

@@ -15,7 +15,7 @@ before.
 On disk: `INDEX/pixels/<transform>-<size>[-draft].u8` (raw slots, one per image row, written through a `.partial`
 file, fsynced, then renamed) and `.json` beside it: the transform, the failed rows and a digest of the index's
 `meta.json` and images table. The loader (`LoaderConfig.pixel_cache`: "auto" uses a cache that matches the index
-and its own image_transform, image_size and jpeg_draft; "off"; "require" refuses to run without one) ignores
+and its own image_transform, image_size and jpeg_draft; "never"; "require" refuses to run without one) ignores
 with a warning a cache whose digest no longer matches (the index was prepared or repacked again).
 
 Not for Fuyu indexes (OtterHD): their patches keep each image's own size, up to 1080 x 1920 (6 MB a photo).
@@ -32,6 +32,7 @@ import warnings
 from .. import _native
 from .defects import DataError
 from .index import PreparedIndex
+from .native_index import NativeIndex
 
 CACHE_DIR = "pixels"
 FORMAT = 1
@@ -54,8 +55,6 @@ def index_digest(ix: PreparedIndex) -> str:
 def build(index: PreparedIndex | str, transform: str = "otter", size: int = 224, jpeg_draft: bool = False,
           threads: int = 0, window_mb: int = 256) -> dict:
     """Write the cache of `index` for one transform; returns its summary (the `.json` written beside it)."""
-    from .loader import NativeIndex
-
     ix = index if isinstance(index, PreparedIndex) else PreparedIndex(index)
     if ix.format == "fuyu":
         raise DataError(f"{ix.path}: a Fuyu (OtterHD) index has no fixed-size pixels to cache")
@@ -105,9 +104,9 @@ def _count(codes) -> dict:
 
 
 def find(ix: PreparedIndex, transform: str, size: int, jpeg_draft: bool, mode: str = "auto") -> tuple[str, list] | None:
-    """The cache of `ix` for this transform: (path of the .u8, failed rows), or None. `mode` "off": None;
+    """The cache of `ix` for this transform: (path of the .u8, failed rows), or None. `mode` "never": None;
     "require": DataError when there is no valid one; "auto": None (with a warning when one is there but stale)."""
-    if mode == "off" or ix.format == "fuyu" and mode == "auto":
+    if mode == "never" or ix.format == "fuyu" and mode == "auto":
         return None
     base = os.path.join(ix.path, CACHE_DIR, cache_name(transform, size, jpeg_draft))
     problem = None

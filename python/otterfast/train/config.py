@@ -69,6 +69,10 @@ class DataSection:
     # Rewrite the index's parquet image tables for random access (`otterfast data repack`) after preparing or
     # reusing it: auto (when a table has a row group over 64 MiB: pandas' defaults, Otter's layout), always, never
     repack: str = "auto"
+    # Decode every image once into the pixel cache the loader then reads (`otterfast data cache-pixels`,
+    # data/pixel_cache.py; bit-identical batches), after preparing and repacking: auto (an index this run prepared,
+    # a run of 2 or more `epochs`, the cache at most a quarter of the free disk), always, never
+    cache_pixels: str = "auto"
     validation: ValidationSection = field(default_factory=ValidationSection)  # held-out data (eval_every)
 
 
@@ -202,6 +206,8 @@ def validate(cfg: TrainConfig) -> None:
         bad("data: set data.index (a prepared index) or data.yaml (a dataset YAML to prepare)")
     if d.repack not in ("auto", "always", "never"):
         bad(f"data.repack: expected auto, always or never, got {d.repack!r}")
+    if d.cache_pixels not in ("auto", "always", "never"):
+        bad(f"data.cache_pixels: expected auto, always or never, got {d.cache_pixels!r}")
     v = d.validation
     if v.fraction is not None and not 0 < v.fraction < 1:
         bad(f"data.validation.fraction must be in (0, 1), got {v.fraction}")

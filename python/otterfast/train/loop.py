@@ -97,6 +97,8 @@ def _index_dir(cfg, rank: int, source=None) -> str:
             for why in needs_repack(index):  # a given index is the user's: say so, do not rewrite it
                 print(f"[train] warning: {why} is read whole for every window of images; `otterfast data repack "
                       f"{index}` rewrites it for random access once", flush=True)
+        if rank == 0 and source is None and d.cache_pixels == "always":
+            _cache_pixels(index, cfg)  # asked for by name: the one thing written into a given index
         return index
     out = index or os.path.join(cfg.output_dir, default_name)
     meta = os.path.join(out, "meta.json")
@@ -126,6 +128,8 @@ def _index_dir(cfg, rank: int, source=None) -> str:
             prepare(yaml, tok, out, d.prepare)
             print(f"[train] prepared {yaml} -> {out} ({time.perf_counter() - t:.1f}s)", flush=True)
         _repack(out, d.repack)
+        if source is None:
+            _cache_pixels(out, cfg)
     dist.barrier()
     return out
 
@@ -158,6 +162,45 @@ def _repack(index_dir: str, mode: str) -> None:
           + (f": {', '.join(why)}" if why else ""), flush=True)
     s = repack(index_dir, log=lambda m: print(f"[train] {m}", flush=True))
     print(f"[train] repacked {s['images']} images ({time.perf_counter() - t:.1f}s)", flush=True)
+
+
+def _cache_pixels(index_dir: str, cfg) -> None:
+    """data.cache_pixels (rank 0, after prepare and repack): decode every image once into the pixel cache the
+    training loader then reads (data/pixel_cache.py). auto: only for a run of 2 or more epochs (the first epoch pays
+    what each later one saves) whose cache takes at most a quarter of the free disk; never for Fuyu (no fixed size)."""
+    import shutil
+    import warnings
+
+    from ..data import pixel_cache
+    from ..data.index import PreparedIndex
+
+    mode, lc = cfg.data.cache_pixels, cfg.data.loader
+    if mode == "never" or lc.pixel_cache == "never":
+        return
+    ix = PreparedIndex(index_dir)
+    if ix.format == "fuyu":
+        if mode == "always":
+            print("[train] data.cache_pixels: a Fuyu (OtterHD) index has no fixed-size pixels to cache; not cached",
+                  flush=True)
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a stale cache is rebuilt below: no need to warn about it
+        if pixel_cache.find(ix, lc.image_transform, lc.image_size, lc.jpeg_draft) is not None:
+            return
+    need = ix.images.num_rows * 3 * lc.image_size ** 2
+    if mode == "auto":
+        if (cfg.epochs or 0) < 2:
+            return
+        free = shutil.disk_usage(index_dir).free
+        if need > free // 4:
+            print(f"[train] not caching pixels: {need / 2**30:.1f} GiB is over a quarter of the "
+                  f"{free / 2**30:.1f} GiB free (data.cache_pixels: always to insist)", flush=True)
+            return
+    print(f"[train] caching the pixels of {ix.images.num_rows} images ({lc.image_transform} {lc.image_size} px, "
+          f"{need / 2**20:.0f} MiB) for the epochs after the first", flush=True)
+    s = pixel_cache.build(ix, lc.image_transform, lc.image_size, lc.jpeg_draft, threads=lc.num_threads)
+    print(f"[train] cached {s['cached']} of {s['images']} images ({s['seconds']}s)"
+          + (f"; not cached, decoded as before: {s['failed_by_kind']}" if s["failed"] else ""), flush=True)
 
 
 def _seed_all(seed: int) -> None:
