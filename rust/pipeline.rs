@@ -85,8 +85,8 @@ fn build_batch(
             }
             return Ok(out);
         };
-        if matches!(cause, Error::Runtime(_)) {
-            return Err(cause.clone()); // our fault, not the image's: never skipped
+        if let Some((_, e)) = failed.iter().find(|(_, e)| matches!(e, Error::Runtime(_))) {
+            return Err(e.clone()); // ours or the pixel cache's fault, not an image's: never skipped
         }
         let bad: Vec<u32> = failed.iter().map(|f| f.0).collect();
         let uses = |s: u32, imgs: &[u32]| ix.media(s as usize).flatten().any(|i| imgs.contains(i));

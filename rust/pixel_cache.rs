@@ -77,21 +77,27 @@ impl PixelCache {
         self.cached.get(img as usize).copied().unwrap_or(false)
     }
 
-    /// The cached square of image row `img` (`has(img)` is true).
+    /// The cached square of image row `img` (`has(img)` is true). A failed read is the cache's fault, not the
+    /// image's: a Runtime error, which ends the epoch and is never skipped (a skip would drop a sample the tables
+    /// hold intact).
     pub fn read(&self, img: u32) -> Result<Vec<u8>> {
         let mut buf = vec![0u8; self.slot];
         self.file
             .read_exact_at(&mut buf, img as u64 * self.slot as u64)
-            .map_err(|e| Error::File {
-                file: self.path.clone(),
-                cause: format!("cannot read image row {img}: {e}"),
+            .map_err(|e| {
+                Error::Runtime(format!(
+                    "{}: cannot read the pixel cache's image row {img}: {e}; rebuild it (otterfast data \
+                     cache-pixels) or set pixel_cache: never",
+                    self.path
+                ))
             })?;
         Ok(buf)
     }
 }
 
-/// Write the cache of every image of `ix` to `path` (through `path.partial`, fsynced, then renamed, so that
-/// a cache on disk is always whole), reading each table's images in storage order, `window_bytes` of stored
+/// Write the cache of every image of `ix` to `path` (through a `.partial` file of this build's own, fsynced,
+/// then renamed, so that a cache on disk is always whole and two builds never write into one file; removed
+/// when the build fails), reading each table's images in storage order, `window_bytes` of stored
 /// bytes at a time, decoding on `pool`. Returns the images that could not be cached: (row, error code, message
 /// naming its file and id).
 pub fn build(
@@ -108,20 +114,43 @@ pub fn build(
             "a pixel cache holds Otter's or CLIP's square pixels; a Fuyu index has none".into(),
         ));
     }
-    let n = ix.img_ids.len();
-    let file_err = |p: &Path, cause: String| Error::File {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let partial = path.with_extension(format!("partial-{}-{nanos}", std::process::id()));
+    let r = write_partial(ix, pixels, jpeg_draft, path, &partial, pool, window_bytes);
+    if r.is_err() {
+        let _ = std::fs::remove_file(&partial); // a failed build leaves nothing as large as the cache behind
+    }
+    r
+}
+
+fn file_err(p: &Path, cause: String) -> Error {
+    Error::File {
         file: p.display().to_string(),
         cause,
-    };
-    let partial = path.with_extension("partial");
+    }
+}
+
+fn write_partial(
+    ix: &IndexData,
+    pixels: Pixels,
+    jpeg_draft: bool,
+    path: &Path,
+    partial: &Path,
+    pool: &rayon::ThreadPool,
+    window_bytes: usize,
+) -> Result<Vec<(u32, &'static str, String)>> {
+    let slot = pixels.square_bytes();
+    let n = ix.img_ids.len();
     let out = OpenOptions::new()
-        .create(true)
+        .create_new(true)
         .write(true)
-        .truncate(true)
-        .open(&partial)
-        .map_err(|e| file_err(&partial, format!("cannot create: {e}")))?;
+        .open(partial)
+        .map_err(|e| file_err(partial, format!("cannot create: {e}")))?;
     out.set_len(n as u64 * slot as u64)
-        .map_err(|e| file_err(&partial, format!("cannot size: {e}")))?;
+        .map_err(|e| file_err(partial, format!("cannot size: {e}")))?;
 
     // Storage order: each row group (or JSON / tar file) is streamed once per window, front to back.
     let mut order: Vec<u32> = (0..n as u32).collect();
@@ -169,7 +198,7 @@ pub fn build(
                     };
                     let r = square.and_then(|sq| {
                         out.write_all_at(&sq.data, img as u64 * slot as u64)
-                            .map_err(|e| file_err(&partial, format!("cannot write: {e}")))
+                            .map_err(|e| file_err(partial, format!("cannot write: {e}")))
                     });
                     (img, r)
                 })
@@ -194,9 +223,9 @@ pub fn build(
         start = end;
     }
     out.sync_all()
-        .map_err(|e| file_err(&partial, format!("cannot sync: {e}")))?;
+        .map_err(|e| file_err(partial, format!("cannot sync: {e}")))?;
     drop(out);
-    std::fs::rename(&partial, path).map_err(|e| file_err(path, format!("cannot rename: {e}")))?;
+    std::fs::rename(partial, path).map_err(|e| file_err(path, format!("cannot rename: {e}")))?;
     if let Some(dir) = path.parent() {
         // The rename itself survives a power loss only once its folder is synced.
         let d = if dir.as_os_str().is_empty() {

@@ -91,7 +91,7 @@ def test_index_without_fingerprints_is_refused(mini, demo_tok_dir, tmp_path, loa
 def _train_cfg(yaml_path, tok, out):
     from otterfast.train.config import DataSection
 
-    return SimpleNamespace(output_dir=out, data=DataSection(yaml=yaml_path, tokenizer=tok))
+    return SimpleNamespace(output_dir=out, epochs=None, data=DataSection(yaml=yaml_path, tokenizer=tok))
 
 
 def _edit_yaml(mini, tok):

@@ -78,13 +78,65 @@ def test_a_stale_cache_is_never_used(index_copy):
         NativeLoader(index_copy, pixel_cache="require")
 
 
-def test_a_cache_of_the_wrong_size_is_refused(index_copy):
+def test_a_cache_of_the_wrong_size_is_not_used(index_copy):
     s = pixel_cache.build(index_copy, transform="otter")
     u8 = os.path.join(index_copy, "pixels", "otter-224.u8")
     with open(u8, "r+b") as f:
         f.truncate(s["bytes"] - 1)
-    with pytest.raises(DataError, match=r"otter-224\.u8: holds .* bytes, not .* images x 150528: rebuild it"):
-        NativeLoader(index_copy)
+    wrong = r"otter-224\.u8: holds .* bytes, not .* images x 150528: rebuild it"
+    with pytest.warns(UserWarning, match=wrong):
+        assert NativeLoader(index_copy).pixel_cache is None
+    with pytest.raises(DataError, match=wrong):
+        NativeLoader(index_copy, pixel_cache="require")
+    os.remove(u8)  # e.g. deleted to free disk, its .json kept
+    with pytest.warns(UserWarning, match="cannot open"):
+        assert NativeLoader(index_copy).pixel_cache is None
+
+
+def test_a_cache_from_other_code_or_another_images_table_is_not_used(index_copy):
+    import pyarrow as pa
+
+    pixel_cache.build(index_copy, transform="otter")
+    js = os.path.join(index_copy, "pixels", "otter-224.json")
+    d = json.load(open(js))
+    json.dump(dict(d, pixels_version=d["pixels_version"] - 1), open(js, "w"))
+    with pytest.warns(UserWarning, match="pixels_version"):
+        assert NativeLoader(index_copy).pixel_cache is None
+    json.dump(d, open(js, "w"))
+    assert NativeLoader(index_copy, pixel_cache="require").pixel_cache
+    images = os.path.join(index_copy, "images.arrow")
+    with pa.memory_map(images) as src:
+        table = pa.ipc.open_file(src).read_all()
+    table = table.replace_schema_metadata({"rewritten": "yes"})  # same rows, other bytes
+    with pa.OSFile(images + ".new", "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
+        w.write_table(table)
+    os.replace(images + ".new", images)  # a new file, as prepare writes one: the old one may still be mapped
+    with pytest.warns(UserWarning, match="earlier state of the index"):
+        assert NativeLoader(index_copy).pixel_cache is None
+
+
+@pytest.mark.parametrize("on_error", ["raise", "skip"])
+def test_a_failed_cache_read_ends_the_epoch_never_skips(index_copy, on_error):
+    s = pixel_cache.build(index_copy, transform="otter")
+    loader = NativeLoader(index_copy, capacity=512, on_error=on_error)
+    assert loader.pixel_cache
+    with open(loader.pixel_cache, "r+b") as f:
+        f.truncate(s["bytes"] // 2)  # shrunk under a running loader
+    with pytest.raises(RuntimeError, match="cannot read the pixel cache's image row"):
+        for _ in loader:
+            pass
+    assert loader.skipped == 0
+
+
+def test_concurrent_builds_take_turns(index_copy):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as ex:
+        runs = list(ex.map(lambda _: pixel_cache.build(index_copy, transform="otter", threads=1, if_missing=True),
+                           range(2)))
+    assert runs[0] == runs[1]  # the second found the first's cache once it held the lock
+    assert sorted(os.listdir(os.path.join(index_copy, "pixels"))) == [".lock", "otter-224.json", "otter-224.u8"]
+    assert NativeLoader(index_copy, pixel_cache="require").pixel_cache
 
 
 @pytest.mark.parametrize("on_error", ["raise", "skip"])

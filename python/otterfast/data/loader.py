@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from typing import Iterator
 
 import numpy as np
@@ -80,11 +81,17 @@ class NativeLoader(IterableDataset):
         self.pixel_cache = cache[0] if cache else None
         try:
             engine = _native.NativeLoader(NativeIndex.of(self.index), config)
-            if cache:
-                engine.attach_pixel_cache(*cache)
-            return engine
         except ValueError as e:  # an index that contradicts itself: bad data, named by file and sample
             raise DataError(str(e)) from None
+        if cache:
+            try:
+                engine.attach_pixel_cache(*cache)
+            except ValueError as e:  # a .u8 missing or of the wrong length beside a valid .json
+                if c.pixel_cache == "require":
+                    raise DataError(f"pixel_cache: require, but {e}") from None
+                warnings.warn(f"pixel cache not used: {e}", stacklevel=3)
+                self.pixel_cache = None
+        return engine
 
     def _engine_here(self):
         # A fork after construction must not reuse the parent's engine (its threads do not exist here).

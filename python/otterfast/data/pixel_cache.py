@@ -23,6 +23,7 @@ Not for Fuyu indexes (OtterHD): their patches keep each image's own size, up to 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -36,6 +37,9 @@ from .native_index import NativeIndex
 
 CACHE_DIR = "pixels"
 FORMAT = 1
+# The pixels a cache holds are those of this code's decoders and resize (rust/decode.rs, transform.rs): bump this
+# when a change there moves any pixel, so that caches written before are rebuilt instead of served.
+PIXELS_VERSION = 1
 
 
 def cache_name(transform: str, size: int, jpeg_draft: bool) -> str:
@@ -53,8 +57,10 @@ def index_digest(ix: PreparedIndex) -> str:
 
 
 def build(index: PreparedIndex | str, transform: str = "otter", size: int = 224, jpeg_draft: bool = False,
-          threads: int = 0, window_mb: int = 256) -> dict:
-    """Write the cache of `index` for one transform; returns its summary (the `.json` written beside it)."""
+          threads: int = 0, window_mb: int = 256, if_missing: bool = False) -> dict:
+    """Write the cache of `index` for one transform; returns its summary (the `.json` written beside it). One build
+    of a folder at a time (a lock in `pixels/`); with `if_missing`, a valid cache found once the lock is held (another
+    run built it meanwhile) is kept and its summary returned."""
     ix = index if isinstance(index, PreparedIndex) else PreparedIndex(index)
     if ix.format == "fuyu":
         raise DataError(f"{ix.path}: a Fuyu (OtterHD) index has no fixed-size pixels to cache")
@@ -64,23 +70,39 @@ def build(index: PreparedIndex | str, transform: str = "otter", size: int = 224,
     folder = os.path.join(ix.path, CACHE_DIR)
     os.makedirs(folder, exist_ok=True)
     base = os.path.join(folder, cache_name(transform, size, jpeg_draft))
+    with open(os.path.join(folder, ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        if if_missing:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                if find(ix, transform, size, jpeg_draft) is not None:
+                    with open(base + ".json") as f:
+                        return json.load(f)
+        return _build_locked(ix, base, transform, size, jpeg_draft, threads, window_mb)
+
+
+def _build_locked(ix, base, transform, size, jpeg_draft, threads, window_mb) -> dict:
     # The old description goes first: a crash mid-build leaves no .json naming a half-written .u8.
     if os.path.exists(base + ".json"):
         os.remove(base + ".json")
+    digest = index_digest(ix)  # the index the build reads; checked again after it
     t0 = time.perf_counter()
     try:
         failed = _native.build_pixel_cache(NativeIndex.of(ix), base + ".u8", transform, size, jpeg_draft,
                                            threads, window_mb)
     except ValueError as e:
         raise DataError(str(e)) from None
+    if index_digest(ix) != digest:
+        raise DataError(f"{ix.path} was rewritten (prepared or repacked) while its pixels were being cached; "
+                        "run otterfast data cache-pixels again")
     summary = {
-        "format": FORMAT, "transform": transform, "image_size": size, "jpeg_draft": jpeg_draft,
-        "images": ix.images.num_rows, "cached": ix.images.num_rows - len(failed),
+        "format": FORMAT, "pixels_version": PIXELS_VERSION, "transform": transform, "image_size": size,
+        "jpeg_draft": jpeg_draft, "images": ix.images.num_rows, "cached": ix.images.num_rows - len(failed),
         "failed": sorted(row for row, _, _ in failed),
         "failed_by_kind": _count(code for _, code, _ in failed),
         "failed_examples": [msg for _, _, msg in failed[:5]],
         "bytes": os.path.getsize(base + ".u8"), "seconds": round(time.perf_counter() - t0, 2),
-        "index_digest": index_digest(ix),
+        "index_digest": digest,
     }
     tmp = base + ".json.partial"
     with open(tmp, "w") as f:
@@ -88,7 +110,7 @@ def build(index: PreparedIndex | str, transform: str = "otter", size: int = 224,
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, base + ".json")
-    fd = os.open(folder, os.O_RDONLY)
+    fd = os.open(os.path.dirname(base), os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -119,11 +141,12 @@ def find(ix: PreparedIndex, transform: str, size: int, jpeg_draft: bool, mode: s
     except (OSError, ValueError) as e:
         d, problem = None, f"{base}.json: unreadable ({e})"
     if d is not None:
-        want = {"format": FORMAT, "transform": transform, "image_size": size, "jpeg_draft": jpeg_draft,
+        want = {"format": FORMAT, "pixels_version": PIXELS_VERSION, "transform": transform, "image_size": size, "jpeg_draft": jpeg_draft,
                 "images": ix.images.num_rows}
         wrong = [k for k, v in want.items() if d.get(k) != v]
         if wrong:
-            problem = f"{base}.json: built for other {', '.join(wrong)}; rebuild it (otterfast data cache-pixels)"
+            problem = (f"{base}.json: built for another {', '.join(wrong)} (or by another version of otterfast); "
+                       "rebuild it (otterfast data cache-pixels)")
         elif d.get("index_digest") != index_digest(ix):
             problem = (f"{base}.json: built for an earlier state of the index (prepared or repacked since); "
                        "rebuild it (otterfast data cache-pixels)")

@@ -70,8 +70,9 @@ class DataSection:
     # reusing it: auto (when a table has a row group over 64 MiB: pandas' defaults, Otter's layout), always, never
     repack: str = "auto"
     # Decode every image once into the pixel cache the loader then reads (`otterfast data cache-pixels`,
-    # data/pixel_cache.py; bit-identical batches), after preparing and repacking: auto (an index this run prepared,
-    # a run of 2 or more `epochs`, the cache at most a quarter of the free disk), always, never
+    # data/pixel_cache.py; bit-identical batches), after preparing and repacking: auto (an index prepared or reused from data.yaml,
+    # a run of 2 or more `epochs`, the cache at most a quarter of the free disk; a failure warned about), always
+    # (also into a given data.index; a failure an error), never
     cache_pixels: str = "auto"
     validation: ValidationSection = field(default_factory=ValidationSection)  # held-out data (eval_every)
 

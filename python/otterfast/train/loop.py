@@ -97,8 +97,10 @@ def _index_dir(cfg, rank: int, source=None) -> str:
             for why in needs_repack(index):  # a given index is the user's: say so, do not rewrite it
                 print(f"[train] warning: {why} is read whole for every window of images; `otterfast data repack "
                       f"{index}` rewrites it for random access once", flush=True)
-        if rank == 0 and source is None and d.cache_pixels == "always":
-            _cache_pixels(index, cfg)  # asked for by name: the one thing written into a given index
+        if source is None and d.cache_pixels == "always":
+            if rank == 0:
+                _cache_pixels(index, cfg)  # asked for by name: the one thing written into a given index
+            dist.barrier()  # every rank's loader looks for the cache once, when it is built
         return index
     out = index or os.path.join(cfg.output_dir, default_name)
     meta = os.path.join(out, "meta.json")
@@ -198,7 +200,15 @@ def _cache_pixels(index_dir: str, cfg) -> None:
             return
     print(f"[train] caching the pixels of {ix.images.num_rows} images ({lc.image_transform} {lc.image_size} px, "
           f"{need / 2**20:.0f} MiB) for the epochs after the first", flush=True)
-    s = pixel_cache.build(ix, lc.image_transform, lc.image_size, lc.jpeg_draft, threads=lc.num_threads)
+    try:
+        s = pixel_cache.build(ix, lc.image_transform, lc.image_size, lc.jpeg_draft, threads=lc.num_threads,
+                              if_missing=True)
+    except (ValueError, RuntimeError, OSError) as e:  # DataError is a ValueError; e.g. the disk filled up
+        if mode == "always":
+            raise
+        print(f"[train] warning: the pixel cache could not be built ({e}); the images are decoded every epoch",
+              flush=True)
+        return
     print(f"[train] cached {s['cached']} of {s['images']} images ({s['seconds']}s)"
           + (f"; not cached, decoded as before: {s['failed_by_kind']}" if s["failed"] else ""), flush=True)
 
