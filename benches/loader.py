@@ -345,7 +345,7 @@ def markdown(report: dict) -> str:
                      f"{d['cache_pixels']['seconds']} s once, {d['cache_pixels']['mib']} MiB on disk, peak RSS "
                      f"{d['cache_pixels']['peak_rss_mb']:.0f} MB; the rows with it are every epoch after the one "
                      "that paid for it (bit-identical batches)." if d.get("cache_pixels") else ""), "",
-                  "| index | backend | cores | samples/s | vs otter_style, same cores | MP/s | tokens/s | padding | "
+                  "| index | backend | cores | samples/s | vs Otter's path, same cores | MP/s | tokens/s | padding | "
                   "peak RSS MB | first batch s |", "|---|---|---|---|---|---|---|---|---|---|"]
         base = {r["cores"]: r["samples_per_s"] for case in d["cases"] for r in case["results"]
                 if r["backend"] in ("otter_style", "otter_wds")}
@@ -447,6 +447,7 @@ def main(argv=None) -> int:
                 shutil.copytree(out, rp)
                 entry["repack"] = run_repack(rp)
                 cases.append(("after data repack", rp, [("native", c) for c in on]))
+            if layout in ("otter", "shards"):
                 pc = out + "-pixel-cache"
                 shutil.copytree(out, pc)
                 entry["cache_pixels"] = run_cache_pixels(pc, max(cores))

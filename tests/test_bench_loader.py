@@ -27,4 +27,4 @@ def test_bench_loader_generated_otter_layout(tmp_path):
     assert prepared["otter_style"]["workers"] == 1 and prepared["native"]["threads"] == 1
     for x in [x for rs in labels.values() for x in rs]:
         assert x["cores"] == 1 and x["samples_per_s"] > 0 and x["peak_rss_mb"] > 0 and x["first_batch_s"] > 0
-    assert "vs otter_style, same cores" in (tmp_path / "loader.md").read_text()
+    assert "vs Otter's path, same cores" in (tmp_path / "loader.md").read_text()
