@@ -334,7 +334,7 @@ def test_train_on_shards_two_gloo_ranks_equal_one_process(tmp_path, mixed):
 
 def test_bench_loader_on_shards(tmp_path):
     """`otterfast bench loader --shards` at a tiny size: pairs and documents, Otter's webdataset pipeline and the
-    native loader at equal cores."""
+    native loader at equal cores, and the native loader on the shard index's pixel cache."""
     import subprocess
     import sys
 
@@ -346,10 +346,13 @@ def test_bench_loader_on_shards(tmp_path):
     r = json.loads(out.read_text())
     assert [d["label"] for d in r["datasets"]] == ["LAION pairs (24)", "MMC4 documents (10)"]
     for d in r["datasets"]:
-        (case,) = d["cases"]
-        res = {x["backend"]: x for x in case["results"]}
-        assert res["otter_wds"]["workers"] == 1 and res["native"]["threads"] == 1
-        for x in res.values():
+        prepared, cached = d["cases"]
+        assert (prepared["label"], cached["label"]) == ("as prepared", "with data cache-pixels")
+        res = {x["backend"]: x for x in prepared["results"]}
+        assert res["otter_wds"]["workers"] == 1 and res["native"]["threads"] == 1 and res["native"]["pixel_cache"] == 0
+        (c,) = cached["results"]
+        assert c["backend"] == "native" and c["pixel_cache"] == 1 and d["cache_pixels"]["mib"] > 0
+        for x in [*res.values(), c]:
             assert x["samples_per_s"] > 0 and x["mp_per_s"] > 0 and x["samples_measured"] >= 8
 
 
