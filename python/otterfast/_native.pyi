@@ -79,8 +79,8 @@ def transform_image(
 def build_pixel_cache(index: NativeIndex, path: str, mode: str, size: int = 224, jpeg_draft: bool = False,
                       threads: int = 0, window_mb: int = 256) -> list[tuple[int, str, str]]:
     """Write every image of `index` as the 8-bit `size x size` square of transform `mode` ("otter" / "clip") before
-    normalisation, one slot of 3 * size^2 bytes per image row, to `path` (through `path` with the extension
-    `.partial`, fsynced, then renamed). Reads `window_mb` MiB of stored images at a time in storage order, decodes on
+    normalisation, one slot of 3 * size^2 bytes per image row, to `path` (through a `.partial-PID-NANOS` file of
+    this build's own, fsynced, then renamed; removed if the build fails). Reads `window_mb` MiB of stored images at a time in storage order, decodes on
     `threads` threads (0: all cores), GIL released. Returns the rows not cached: (row, error code, message naming
     the file and image id). ValueError for a Fuyu transform or an index that contradicts itself; a write that
     fails raises."""

@@ -29,11 +29,13 @@ import json
 import os
 import time
 import warnings
+from collections import Counter
 
 from .. import _native
 from .defects import DataError
 from .index import PreparedIndex
 from .native_index import NativeIndex
+from .repack import fsync_dir, fsync_write
 
 CACHE_DIR = "pixels"
 FORMAT = 1
@@ -99,30 +101,14 @@ def _build_locked(ix, base, transform, size, jpeg_draft, threads, window_mb) -> 
         "format": FORMAT, "pixels_version": PIXELS_VERSION, "transform": transform, "image_size": size,
         "jpeg_draft": jpeg_draft, "images": ix.images.num_rows, "cached": ix.images.num_rows - len(failed),
         "failed": sorted(row for row, _, _ in failed),
-        "failed_by_kind": _count(code for _, code, _ in failed),
+        "failed_by_kind": dict(Counter(code for _, code, _ in failed)),
         "failed_examples": [msg for _, _, msg in failed[:5]],
         "bytes": os.path.getsize(base + ".u8"), "seconds": round(time.perf_counter() - t0, 2),
         "index_digest": digest,
     }
-    tmp = base + ".json.partial"
-    with open(tmp, "w") as f:
-        json.dump(summary, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, base + ".json")
-    fd = os.open(os.path.dirname(base), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_write(base + ".json", lambda f: f.write(json.dumps(summary, indent=1).encode()))
+    fsync_dir(os.path.dirname(base))
     return summary
-
-
-def _count(codes) -> dict:
-    out: dict = {}
-    for c in codes:
-        out[c] = out.get(c, 0) + 1
-    return out
 
 
 def find(ix: PreparedIndex, transform: str, size: int, jpeg_draft: bool, mode: str = "auto") -> tuple[str, list] | None:

@@ -43,7 +43,7 @@ from .sources import ImageSource, open_parquet
 REPACK_SCHEMA = pa.schema([("id", pa.string()), ("image", pa.binary())])
 
 
-def _fsync_write(path: str, write) -> None:
+def fsync_write(path: str, write) -> None:
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
         write(f)
@@ -52,7 +52,7 @@ def _fsync_write(path: str, write) -> None:
     os.replace(tmp, path)
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -227,9 +227,9 @@ def repack(index_dir: str, row_group_rows: int = 64, log=print) -> dict:
     files = [p for s in sources for p in s.files]
     meta["image_files"] = [stat_entry(p) for p in files]
     meta["images_file"] = "images-repacked.arrow"
-    _fsync_write(os.path.join(index_dir, meta["images_file"]), write_arrow)
-    _fsync_dir(out_dir)
-    _fsync_write(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
-    _fsync_dir(index_dir)
+    fsync_write(os.path.join(index_dir, meta["images_file"]), write_arrow)
+    fsync_dir(out_dir)
+    fsync_write(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    fsync_dir(index_dir)
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     return summary
